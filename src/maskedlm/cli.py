@@ -1,0 +1,135 @@
+"""The `maskedlm` command: thin subcommands over the library.
+
+Every config field is one flag of `pretrain` (generated from the dataclasses, so the two cannot drift);
+`--config FILE` is read first and flags override it. A `UserError` anywhere becomes one line on stderr and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+from . import __version__
+from .config import Config, cli_fields, flag_name, load_config_file
+from .errors import UserError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    groups: dict[str, Any] = {}
+    for section, f, tp in cli_fields():
+        if section not in sections:
+            continue
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS}
+        default = None if f.default is dataclasses.MISSING else f.default
+        help_ = f.metadata["help"] + (f" (default: {default})" if default not in (None, "") else "")
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (typing.Union, types.UnionType):
+            tp = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kwargs.update(nargs="+", metavar="PATH")
+        elif origin is Literal:
+            kwargs["choices"] = list(args)
+        else:
+            kwargs.update(type=tp, metavar={int: "N", float: "X"}.get(tp, f.name.upper()))
+        group.add_argument(flag_name(f), help=help_, **kwargs)
+
+
+def _config_from_args(ns: argparse.Namespace) -> Config:
+    cfg = Config()
+    if getattr(ns, "config", None):
+        cfg.update(load_config_file(ns.config), source=ns.config)
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in vars(ns).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            overrides.setdefault(section, {})[name] = value
+    cfg.update(overrides, source="command line")
+    cfg.validate()
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskedlm", description="Pre-train BERT-style masked language models.")
+    parser.add_argument("--version", action="version", version=f"maskedlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pre-train a model (default: mini on the embedded Shakespeare corpus)")
+    p.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON config; flags override it")
+    _add_config_flags(p, ("model", "data", "mask", "train"))
+
+    p = sub.add_parser("prepare", help="tokenise a corpus into the cache (pretrain does this too)")
+    p.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON config; flags override it")
+    _add_config_flags(p, ("data",))
+
+    p = sub.add_parser("evaluate", help="held-out masked-token loss, accuracy and perplexity of a run")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--valid", nargs="+", metavar="PATH", help="evaluate on these files instead of the run's held-out split")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("fill", help="top-k predictions for each [MASK] in a text")
+    p.add_argument("run", help="run folder")
+    p.add_argument("text", help='text with one or more [MASK], e.g. "to be or not to [MASK]"')
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _run(ns: argparse.Namespace) -> int:
+    if ns.command == "pretrain":
+        from .train import pretrain
+
+        pretrain(_config_from_args(ns))
+    elif ns.command == "prepare":
+        from .data import prepare
+
+        prep = prepare(_config_from_args(ns).data)
+        print(json.dumps({"folder": str(prep.folder), **prep.meta}, indent=2))
+    elif ns.command == "evaluate":
+        from .evaluate import evaluate_run
+
+        res = evaluate_run(ns.run, ns.valid, device=ns.device, precision=ns.precision, log=lambda *a: print(*a, file=sys.stderr))
+        if ns.json:
+            print(json.dumps(res.as_dict()))
+        else:
+            print(f"loss {res.loss:.4f}  accuracy {res.accuracy:.2%}  perplexity {res.perplexity:.2f}  "
+                  f"({res.predicted:,} predictions in {res.sequences} sequences)")
+    elif ns.command == "fill":
+        from .checkpoint import load
+        from .fill_mask import fill_mask
+        from .runtime import resolve_device
+
+        model, tok = load(ns.run, resolve_device(ns.device))
+        preds = fill_mask(model, tok, ns.text, top_k=ns.top_k)
+        if ns.json:
+            print(json.dumps([[{"token": p.token, "id": p.token_id, "prob": p.prob} for p in mask] for mask in preds]))
+        else:
+            for i, mask in enumerate(preds, 1):
+                print(f"[MASK] #{i}:")
+                for p in mask:
+                    print(f"  {p.prob:7.4f}  {p.token}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return _run(ns)
+    except UserError as e:
+        print(f"maskedlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maskedlm: interrupted", file=sys.stderr)
+        return 130

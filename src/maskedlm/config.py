@@ -1,0 +1,280 @@
+"""Typed configuration: the single source of truth for a run.
+
+Four dataclasses (model, data, mask, train) grouped in `Config`. A config file (YAML, TOML or JSON) maps
+onto them section by section; command-line flags override the file; unknown keys and wrong types are
+errors. Every field is exposed as exactly one CLI flag (named after the field unless `flag` says
+otherwise), so the CLI cannot drift from the config.
+
+The resolved config (tokenizer vocabulary filled in, defaults applied) is what a run writes to
+`config.json`, and what `maskedlm.load` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from .errors import UserError
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, cli: bool = True,
+       derived: bool = False, factory: Any = None):
+    """A dataclass field with its CLI help. `derived` fields are filled in by the run, not by users."""
+    meta = {"help": help, "flag": flag, "cli": cli and not derived, "derived": derived}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Google's BERT miniatures (Turc et al. 2019) plus base and large: (layers, hidden). heads = H/64, FFN = 4H.
+PRESETS: dict[str, tuple[int, int]] = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = _f("mini", flag="--model", help=f"size preset: {', '.join(PRESETS)} (sets the shape fields below)")
+    num_layers: int = _f(4, help="transformer blocks")
+    hidden_size: int = _f(256, help="model width H")
+    num_heads: int = _f(4, help="attention heads (H must divide by it)")
+    intermediate_size: int = _f(1024, help="feed-forward width")
+    max_position: int = _f(512, help="position embeddings (longest sequence the model accepts)")
+    type_vocab_size: int = _f(2, help="token-type (segment) embeddings")
+    hidden_dropout: float = _f(0.1, help="dropout on embeddings and block outputs")
+    attention_dropout: float = _f(0.1, help="dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-12, help="LayerNorm epsilon (BERT's 1e-12)")
+    init_std: float = _f(0.02, help="std of the normal weight initialisation")
+    vocab_size: int = _f(0, derived=True, help="set from the tokenizer")
+    pad_token_id: int = _f(0, derived=True, help="set from the tokenizer")
+
+    def apply_preset(self, name: str) -> None:
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        layers, hidden = PRESETS[name]
+        self.preset = name
+        self.num_layers, self.hidden_size = layers, hidden
+        self.num_heads, self.intermediate_size = hidden // 64, 4 * hidden
+
+
+@dataclass
+class DataConfig:
+    corpus: Optional[str] = _f("shakespeare", help="embedded corpus used when --train is not given ('shakespeare')")
+    train: list[str] = _f(factory=list, help="training text: files or folders (.txt, .md, .jsonl, optionally .gz)")
+    valid: list[str] = _f(factory=list, help="held-out text; default: a fraction of the training documents")
+    valid_fraction: float = _f(0.05, help="fraction of documents held out when --valid is not given")
+    doc_boundary: Literal["blank_line", "file"] = _f("blank_line", help="in .txt files, documents are separated by blank lines, or one per file")
+    text_field: str = _f("text", help="JSON field holding the text in .jsonl files")
+    strict_utf8: bool = _f(False, help="refuse invalid UTF-8 (naming file and line) instead of replacing it")
+    tokenizer: str = _f("wordpiece", help="'wordpiece' (trained on the training text), 'char', or a tokenizer.json / vocab.txt path")
+    vocab_size: int = _f(8192, help="vocabulary size of a trained WordPiece tokenizer")
+    lowercase: bool = _f(True, help="lowercase text in trained tokenizers (BERT 'uncased')")
+    seq_len: int = _f(128, help="tokens per training sequence, [CLS] and [SEP] included")
+    cache_dir: Optional[str] = _f(None, help="where prepared data is cached (default: $MASKEDLM_CACHE or ~/.cache/maskedlm)")
+
+
+@dataclass
+class MaskConfig:
+    mask_prob: float = _f(0.15, help="fraction of (non-special) tokens selected for prediction")
+    mask_token_frac: float = _f(0.8, help="of the selected, the fraction replaced by [MASK]")
+    random_token_frac: float = _f(0.1, help="of the selected, the fraction replaced by a random token (the rest stay unchanged)")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(32, help="sequences per optimizer step (split over --grad-accum micro-batches)")
+    grad_accum: int = _f(1, help="micro-batches per optimizer step")
+    lr: float = _f(1e-3, help="peak learning rate")
+    weight_decay: float = _f(0.01, help="AdamW weight decay (not applied to biases and norms)")
+    adam_beta1: float = _f(0.9, help="AdamW beta1")
+    adam_beta2: float = _f(0.98, help="AdamW beta2")
+    adam_eps: float = _f(1e-6, help="AdamW epsilon")
+    warmup_frac: float = _f(0.06, help="fraction of the run spent warming the learning rate up")
+    schedule: Literal["linear", "cosine"] = _f("linear", help="decay after warmup")
+    min_lr_frac: float = _f(0.0, help="final learning rate as a fraction of the peak")
+    clip_grad: float = _f(1.0, help="gradient-norm clipping (0 disables)")
+    max_steps: Optional[int] = _f(None, help="stop after this many optimizer steps")
+    time_budget: Optional[float] = _f(None, help="stop after this many seconds of training; the LR schedule follows elapsed time")
+    seed: int = _f(0, help="seed for initialisation, data order and masks")
+    device: str = _f("auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    precision: Literal["auto", "bf16", "fp32"] = _f("auto", help="'auto' uses bf16 autocast where the device has fast bf16")
+    log_every: int = _f(10, help="steps between metric records")
+    eval_every: int = _f(250, help="steps between held-out evaluations (0: only at the end)")
+    eval_sequences: int = _f(512, help="held-out sequences per evaluation (fixed masks)")
+    eval_seed: int = _f(1234, help="seed of the fixed evaluation masks")
+    out: Optional[str] = _f(None, help="run folder (default: runs/<date>-<time>)")
+    sample: bool = _f(True, help="print held-out lines with the model's predictions at the end")
+
+
+# Used when neither --max-steps nor --time-budget is given: the main job must finish in minutes.
+DEFAULT_TIME_BUDGET = 300.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, *, allow_derived: bool = False) -> "Config":
+        """Build a config from nested mappings; presets first, then fields; strict about keys and types."""
+        cfg = cls()
+        cfg.update(d, allow_derived=allow_derived)
+        return cfg
+
+    def update(self, d: Any, *, allow_derived: bool = False, source: str = "config") -> None:
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(d).__name__}")
+        for section, values in d.items():
+            if section not in SECTIONS:
+                raise UserError(f"{source}: unknown section {section!r}; sections are: {', '.join(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise UserError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
+            _update_section(getattr(self, section), section, values, allow_derived, source)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises UserError naming the offending field."""
+        m, d, k, t = self.model, self.data, self.mask, self.train
+        checks = [
+            (m.num_layers >= 1, "model.num_layers must be >= 1"),
+            (m.hidden_size >= 1 and m.num_heads >= 1 and m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be a positive multiple of model.num_heads ({m.num_heads})"),
+            (m.intermediate_size >= 1, "model.intermediate_size must be >= 1"),
+            (0.0 <= m.hidden_dropout < 1 and 0.0 <= m.attention_dropout < 1, "dropout must be in [0, 1)"),
+            (8 <= d.seq_len <= m.max_position,
+             f"data.seq_len ({d.seq_len}) must be between 8 and model.max_position ({m.max_position})"),
+            (0.0 < d.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)"),
+            (d.vocab_size >= 16, "data.vocab_size must be >= 16"),
+            (0.0 < k.mask_prob < 1.0, "mask.mask_prob must be in (0, 1)"),
+            (k.mask_token_frac >= 0 and k.random_token_frac >= 0 and k.mask_token_frac + k.random_token_frac <= 1.0,
+             "mask.mask_token_frac + mask.random_token_frac must be in [0, 1], each >= 0"),
+            (t.batch_size >= 1 and t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+             f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})"),
+            (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
+            (0.0 <= t.warmup_frac < 1.0, "train.warmup_frac must be in [0, 1)"),
+            (0.0 <= t.min_lr_frac <= 1.0, "train.min_lr_frac must be in [0, 1]"),
+            (t.clip_grad >= 0, "train.clip_grad must be >= 0"),
+            (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
+            (t.time_budget is None or t.time_budget > 0, "train.time_budget must be > 0 seconds"),
+            (t.log_every >= 1, "train.log_every must be >= 1"),
+            (t.eval_every >= 0, "train.eval_every must be >= 0"),
+            (t.eval_sequences >= 1, "train.eval_sequences must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def resolved(self) -> "Config":
+        """A copy with run-time defaults applied (the time budget of the default run)."""
+        cfg = Config.from_dict(self.to_dict(), allow_derived=True)
+        if cfg.train.max_steps is None and cfg.train.time_budget is None:
+            cfg.train.time_budget = DEFAULT_TIME_BUDGET
+        cfg.validate()
+        return cfg
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "mask": MaskConfig, "train": TrainConfig}
+
+
+def _update_section(obj: Any, section: str, values: dict, allow_derived: bool, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    # A preset sets the shape; explicit fields in the same mapping then override it.
+    if "preset" in values and values["preset"] is not None and hasattr(obj, "apply_preset"):
+        obj.apply_preset(_check_type(values["preset"], str, f"{section}.preset", source))
+    for key, value in values.items():
+        if key not in fields:
+            close = [n for n in fields if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"{source}: unknown key {section}.{key}{hint}")
+        if fields[key].metadata.get("derived") and not allow_derived:
+            raise UserError(f"{source}: {section}.{key} is {fields[key].metadata['help']}; it cannot be set")
+        if key == "preset":
+            continue
+        setattr(obj, key, _check_type(value, hints[key], f"{section}.{key}", source))
+
+
+def _check_type(value: Any, tp: Any, name: str, source: str) -> Any:
+    """Return `value` if it has type `tp` (ints accepted for floats); raise a UserError otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], name, source)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{source}: {name} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):  # one path given where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {name} must be a list, got {type(value).__name__}")
+        return [_check_type(v, args[0], name, source) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
+        raise UserError(f"{source}: {name} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML, TOML or JSON mapping (not yet validated)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif p.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"{p}: config files must end in .yaml, .yml, .toml or .json")
+    except UserError:
+        raise
+    except Exception as e:  # parser errors carry line numbers; keep them on one line
+        raise UserError(f"{p}: cannot parse: {' '.join(str(e).split())}") from None
+    return data if data is not None else {}
+
+
+def cli_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """(section, field, type) for every field exposed as a CLI flag."""
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True):
+                out.append((section, f, hints[f.name]))
+    return out
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")

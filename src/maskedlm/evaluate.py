@@ -1,0 +1,86 @@
+"""Held-out evaluation: masked-token loss, accuracy and perplexity over all selected positions.
+
+The masks are drawn once from a fixed seed and reused at every evaluation, so numbers from different
+steps (and different runs on the same data) are measured on exactly the same predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load, read_config
+from .config import MaskConfig
+from .data import PackedSequences, prepare, prepare_eval
+from .masking import mask_tokens
+from .runtime import autocast, resolve_device, resolve_precision
+from .tokenizer import Tokenizer
+
+EVAL_BATCH = 64
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy over predicted positions (nats)
+    accuracy: float  # top-1 accuracy over predicted positions
+    perplexity: float  # exp(loss)
+    predicted: int  # positions predicted
+    sequences: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Evaluator:
+    """Fixed masked batches from held-out sequences, evaluated on demand."""
+
+    def __init__(self, seqs: PackedSequences, tokenizer: Tokenizer, mask: MaskConfig, max_sequences: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        n = min(len(seqs), max_sequences)
+        self.batches = []
+        for start in range(0, n, EVAL_BATCH):
+            ids, attn = seqs.get(torch.arange(start, min(n, start + EVAL_BATCH)).numpy())
+            ids_t = torch.from_numpy(ids)
+            inputs, labels = mask_tokens(ids_t, mask_token_id=tokenizer.special.mask, vocab_size=tokenizer.vocab_size,
+                                         special_ids=tokenizer.special.all(), mask_prob=mask.mask_prob,
+                                         mask_token_frac=mask.mask_token_frac,
+                                         random_token_frac=mask.random_token_frac, generator=gen)
+            self.batches.append((inputs, labels, None if attn is None else torch.from_numpy(attn)))
+        self.sequences = n
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> EvalResult:
+        was_training = model.training
+        model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.long, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        for inputs, labels, attn in self.batches:
+            with autocast(device, amp_dtype):
+                out = model(inputs.to(device), attention_mask=None if attn is None else attn.to(device),
+                            labels=labels.to(device))
+            loss_sum += out.loss_sum.double()
+            count += out.num_predicted
+            correct += out.correct
+        model.train(was_training)
+        n = max(int(count), 1)
+        loss = float(loss_sum) / n
+        return EvalResult(loss, int(correct) / n, math.exp(min(loss, 700.0)), int(count), self.sequences)
+
+
+def evaluate_run(run: str | Path, valid: list[str] | None = None, device: str = "auto",
+                 precision: str = "auto", log=print) -> EvalResult:
+    """Evaluate a run folder on its own held-out split, or on the given files."""
+    cfg = read_config(Path(run))
+    dev = resolve_device(device)
+    model, tokenizer = load(run, dev)
+    if valid:
+        split = prepare_eval(valid, cfg.data, tokenizer, log=log)
+    else:
+        split = prepare(cfg.data, tokenizer=tokenizer, log=log).valid
+    seqs = PackedSequences(split, cfg.data.seq_len, tokenizer.special, pad_last=True, what="held-out")
+    evaluator = Evaluator(seqs, tokenizer, cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed)
+    return evaluator(model, dev, resolve_precision(precision, dev))

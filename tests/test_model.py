@@ -1,0 +1,168 @@
+"""The model: shapes, presets, the sparse MLM head against the dense one, padding, and the HF name map."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskedlm import BertForPreTraining, ModelConfig
+from maskedlm.config import PRESETS
+from maskedlm.hf import key_map
+from maskedlm.masking import IGNORE_INDEX
+
+
+def small_config(**kw) -> ModelConfig:
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=97,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_output_shapes():
+    torch.manual_seed(0)
+    model = BertForPreTraining(small_config()).eval()
+    ids = torch.randint(5, 97, (3, 20))
+    out = model(ids, nsp=True)
+    assert out.hidden_states.shape == (3, 20, 64)
+    assert out.logits.shape == (3, 20, 97)
+    assert out.nsp_logits.shape == (3, 2)
+    assert out.loss_sum is None
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_have_google_shapes(name):
+    cfg = ModelConfig()
+    cfg.apply_preset(name)
+    layers, hidden = PRESETS[name]
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (layers, hidden, hidden // 64, 4 * hidden)
+
+
+def test_sparse_loss_equals_dense_loss():
+    torch.manual_seed(0)
+    model = BertForPreTraining(small_config()).eval()
+    ids = torch.randint(5, 97, (4, 32))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    pick = torch.rand(ids.shape) < 0.15
+    labels[pick] = ids[pick]
+    sparse = model(ids, labels=labels)
+    dense_logits = model(ids).logits
+    dense_sum = F.cross_entropy(dense_logits.reshape(-1, 97), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+    assert int(sparse.num_predicted) == int(pick.sum())
+    torch.testing.assert_close(sparse.loss_sum, dense_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.logits, dense_logits[pick], rtol=1e-5, atol=1e-5)
+    dense_correct = (dense_logits[pick].argmax(-1) == ids[pick]).sum()
+    assert int(sparse.correct) == int(dense_correct)
+
+
+def test_sparse_gradients_equal_dense_gradients():
+    torch.manual_seed(0)
+    cfg = small_config()
+    a, b = BertForPreTraining(cfg), BertForPreTraining(cfg)
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(5, 97, (2, 16))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, IGNORE_INDEX))
+    out = a(ids, labels=labels)
+    out.loss.backward()
+    F.cross_entropy(b(ids).logits.reshape(-1, 97), labels.reshape(-1), ignore_index=IGNORE_INDEX).backward()
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_does_not_change_real_tokens():
+    torch.manual_seed(0)
+    model = BertForPreTraining(small_config()).eval()
+    ids = torch.randint(5, 97, (1, 10))
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1).long()
+    h_short = model(ids).hidden_states
+    h_padded = model(padded, attention_mask=mask).hidden_states
+    torch.testing.assert_close(h_padded[:, :10], h_short, rtol=1e-5, atol=1e-5)
+    # Without the mask, padding would leak into the real tokens.
+    assert not torch.allclose(model(padded).hidden_states[:, :10], h_short, atol=1e-4)
+
+
+def test_decoder_is_tied_to_word_embeddings():
+    model = BertForPreTraining(small_config())
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("decoder" in n for n in names)
+    with torch.no_grad():
+        model.bert.embeddings.word.weight[7].zero_()
+        model.mlm.bias.zero_()
+    h = torch.randn(3, 64)
+    logits = model.mlm(h, model.bert.embeddings.word.weight)
+    assert torch.all(logits[:, 7] == 0)
+
+
+def test_every_parameter_maps_to_one_huggingface_parameter():
+    transformers = pytest.importorskip("transformers")
+    cfg = small_config()
+    ours = BertForPreTraining(cfg).state_dict()
+    hf = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128))
+    theirs = hf.state_dict()
+    mapping = key_map(cfg.num_layers)
+    assert set(mapping) == set(ours)
+    assert len(set(mapping.values())) == len(mapping)  # one-to-one
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    assert set(mapping.values()) == set(theirs) - tied
+    for k, v in ours.items():
+        assert theirs[mapping[k]].shape == v.shape, k
+
+
+def test_logits_equal_huggingface_with_mapped_weights():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = small_config()
+    ours = BertForPreTraining(cfg).eval()
+    hf = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    mapping = key_map(cfg.num_layers)
+    hf.load_state_dict({mapping[k]: v for k, v in ours.state_dict().items()}, strict=False)
+    hf.tie_weights()
+    ids = torch.randint(5, 97, (2, 24))
+    ids[:, 0] = 2
+    types = torch.zeros_like(ids)
+    types[:, 12:] = 1
+    attn = torch.ones_like(ids)
+    attn[1, 18:] = 0
+    with torch.no_grad():
+        a = ours(ids, attention_mask=attn, token_type_ids=types, nsp=True)
+        b = hf(input_ids=ids, attention_mask=attn, token_type_ids=types)
+    keep = attn.bool()
+    torch.testing.assert_close(a.logits[keep], b.prediction_logits[keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.nsp_logits, b.seq_relationship_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_training_trajectory_equals_huggingface():
+    """Same initial weights, batches, masks and AdamW: the per-step losses agree with transformers'."""
+    transformers = pytest.importorskip("transformers")
+    from maskedlm import mask_tokens
+    from maskedlm.train import param_groups
+
+    torch.manual_seed(0)
+    cfg = small_config(vocab_size=50)
+    ours = BertForPreTraining(cfg)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    mapping = key_map(cfg.num_layers)
+    hf.load_state_dict({mapping[k]: v.clone() for k, v in ours.state_dict().items()
+                        if not k.startswith(("nsp", "bert.pooler"))}, strict=False)
+    hf.tie_weights()
+    opt_a = torch.optim.AdamW(param_groups(ours, 0.01), lr=2e-3)
+    opt_b = torch.optim.AdamW(param_groups(hf, 0.01), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        ids = torch.randint(5, 50, (4, 24), generator=g)
+        inp, lab = mask_tokens(ids, mask_token_id=4, vocab_size=50, special_ids=(0, 1, 2, 3, 4), generator=g)
+        la = ours(inp, labels=lab).loss
+        la.backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        lb = hf(input_ids=inp, labels=lab).loss
+        lb.backward()
+        opt_b.step()
+        opt_b.zero_grad()
+        assert abs(la.item() - lb.item()) < 1e-4
