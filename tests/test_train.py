@@ -113,3 +113,54 @@ def test_training_learns(tmp_path):
     records = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"split"' not in l]
     assert records[0]["accuracy"] < 0.2  # chance is 1/26
     assert res.eval.accuracy > 0.85 and res.eval.predicted > 100
+
+
+def _step_setup(precision, grad_accum=1):
+    from maskedlm import BertForPreTraining, ModelConfig
+    from maskedlm.masking import MaskSpec
+    from maskedlm.train import TrainStep, make_optimizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=500,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    model = BertForPreTraining(cfg)
+    spec = MaskSpec(4, 500, (0, 1, 2, 3, 4))
+    step = TrainStep(model, make_optimizer(model, TrainConfig()), spec, torch.Generator().manual_seed(5),
+                     grad_accum=grad_accum, amp_dtype=precision)
+    ids = torch.randint(5, 500, (8, 64), generator=torch.Generator().manual_seed(2))
+    return model, spec, step, ids
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_train_step_loss_equals_plain_dense_loss(precision):
+    """The fast path (bf16 copy, sparse fused head, bucketed rows) computes the plain dense masked loss."""
+    import torch.nn.functional as F
+
+    model, spec, step, ids = _step_setup(precision)
+    inputs, labels = spec(ids, torch.Generator().manual_seed(5))  # the masks the step will draw
+    with torch.no_grad():
+        dense = F.cross_entropy(model(inputs).logits.reshape(-1, 500), labels.reshape(-1), ignore_index=-100)
+    stats = step(ids)
+    got = float(stats.loss_sum / stats.predicted)
+    assert int(stats.predicted) == int((labels != -100).sum())
+    assert got == pytest.approx(float(dense), rel=1e-5 if precision is None else 1e-2)
+
+
+def test_bf16_step_keeps_fp32_master_weights_and_syncs_the_copy():
+    model, spec, step, ids = _step_setup(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step(ids)
+    for (name, p), c in zip(model.named_parameters(), step.compute.parameters()):
+        assert p.dtype == torch.float32 and c.dtype == torch.bfloat16
+        assert torch.equal(c, p.to(torch.bfloat16)), name
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "bert.embeddings.word.weight" in changed and "bert.layers.0.ffn_in.weight" in changed
+    assert "nsp.weight" not in changed  # no NSP loss: its gradient is None and AdamW leaves it alone
+
+
+def test_bf16_gradient_accumulation_sums_in_fp32():
+    one = _step_setup(torch.bfloat16, grad_accum=1)
+    four = _step_setup(torch.bfloat16, grad_accum=4)
+    a, b = one[2](one[3]), four[2](four[3])
+    assert float(a.loss_sum) == pytest.approx(float(b.loss_sum), rel=1e-2)
+    assert float(a.grad_norm) == pytest.approx(float(b.grad_norm), rel=2e-2)

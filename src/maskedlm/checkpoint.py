@@ -84,8 +84,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def load(run: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPreTraining, Tokenizer]:
-    """Load a run folder: `model, tokenizer = maskedlm.load(RUN)`. The model is in eval mode."""
+    """`model, tokenizer = maskedlm.load(PATH)`: a maskedlm run folder, or a Hugging Face BERT folder
+    (BertModel / BertForMaskedLM / BertForPreTraining weights and its tokenizer). Eval mode."""
+    from .hf import is_hf_folder, load_hf
+
     run = Path(run)
+    if is_hf_folder(run):
+        model, tokenizer, _ = load_hf(run)
+        return model.to(device), tokenizer
     cfg = read_config(run)
     tokenizer = Tokenizer.from_file(run / TOKENIZER)
     if tokenizer.vocab_size != cfg.model.vocab_size:
@@ -93,3 +99,17 @@ def load(run: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPr
     model = BertForPreTraining(cfg.model)
     load_weights(model, run / WEIGHTS)
     return model.to(device).eval(), tokenizer
+
+
+def load_for_init(path: str | Path) -> tuple[BertForPreTraining, Tokenizer, str]:
+    """The model and tokenizer to continue pre-training from, and a line saying what was loaded."""
+    from .hf import is_hf_folder, load_hf
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--init-from: no such folder: {path}")
+    if is_hf_folder(path):
+        model, tokenizer, report = load_hf(path)
+        return model, tokenizer, report.describe()
+    model, tokenizer = load(path)
+    return model, tokenizer, "loaded a maskedlm run"

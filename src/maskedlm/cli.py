@@ -78,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("fill", help="top-k predictions for each [MASK] in a text")
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run folder")
+    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
+
+    p = sub.add_parser("fill", help="top-k predictions for each [MASK] in a text")
+    p.add_argument("run", help="run folder, or a Hugging Face BERT folder")
     p.add_argument("text", help='text with one or more [MASK], e.g. "to be or not to [MASK]"')
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -106,6 +110,10 @@ def _run(ns: argparse.Namespace) -> int:
         else:
             print(f"loss {res.loss:.4f}  accuracy {res.accuracy:.2%}  perplexity {res.perplexity:.2f}  "
                   f"({res.predicted:,} predictions in {res.sequences} sequences)")
+    elif ns.command == "export":
+        from .hf import export_run
+
+        print(f"wrote {export_run(ns.run, ns.out)}")
     elif ns.command == "fill":
         from .checkpoint import load
         from .fill_mask import fill_mask

@@ -399,3 +399,57 @@ class EpochSampler:
     @property
     def epoch(self) -> float:
         return self.position / self.n
+
+
+class BatchLoader:
+    """Training batches cut from the memory-mapped stream in a background thread, `prefetch` batches ahead
+    (pinned for fast copies when the model is on a GPU), so the step never waits for data.
+
+    Deterministic: the batches are exactly the sampler's, in order. Each item comes with the sampler's
+    position after it, which is what a checkpoint must store (not the position of prefetched batches).
+    """
+
+    def __init__(self, seqs: PackedSequences, sampler: EpochSampler, batch_size: int, *, pin: bool = False,
+                 prefetch: int = 2):
+        import queue
+        import threading
+
+        self.seqs, self.sampler, self.batch_size, self.pin = seqs, sampler, batch_size, pin
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="maskedlm-loader", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        import torch
+
+        try:
+            while not self._stop.is_set():
+                ids, _ = self.seqs.get(self.sampler.take(self.batch_size))
+                t = torch.from_numpy(ids)
+                if self.pin:
+                    t = t.pin_memory()
+                self._put((t, self.sampler.position))
+        except BaseException as e:  # hand the error to the consumer instead of dying silently
+            self._put(e)
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self):
+        """(ids (B, T) int64 tensor, sampler position after this batch)."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

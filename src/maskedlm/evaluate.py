@@ -15,7 +15,7 @@ import torch
 from .checkpoint import load, read_config
 from .config import MaskConfig
 from .data import PackedSequences, prepare, prepare_eval
-from .masking import mask_tokens
+from .masking import MaskSpec
 from .runtime import autocast, resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -39,15 +39,12 @@ class Evaluator:
 
     def __init__(self, seqs: PackedSequences, tokenizer: Tokenizer, mask: MaskConfig, max_sequences: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
+        spec = MaskSpec.from_tokenizer(tokenizer, mask)
         n = min(len(seqs), max_sequences)
         self.batches = []
         for start in range(0, n, EVAL_BATCH):
             ids, attn = seqs.get(torch.arange(start, min(n, start + EVAL_BATCH)).numpy())
-            ids_t = torch.from_numpy(ids)
-            inputs, labels = mask_tokens(ids_t, mask_token_id=tokenizer.special.mask, vocab_size=tokenizer.vocab_size,
-                                         special_ids=tokenizer.special.all(), mask_prob=mask.mask_prob,
-                                         mask_token_frac=mask.mask_token_frac,
-                                         random_token_frac=mask.random_token_frac, generator=gen)
+            inputs, labels = spec(torch.from_numpy(ids), gen)
             self.batches.append((inputs, labels, None if attn is None else torch.from_numpy(attn)))
         self.sequences = n
 

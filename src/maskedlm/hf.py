@@ -1,11 +1,30 @@
-"""Hugging Face BERT interop: the explicit map between our parameter names and `BertForPreTraining`'s.
+"""Hugging Face BERT interop: export a run to a `transformers` folder, and import BERT folders.
 
-Every one of our parameters corresponds to exactly one of theirs; theirs additionally has
-`cls.predictions.decoder.weight` (tied to the word embeddings) and `cls.predictions.decoder.bias` (tied to
-`cls.predictions.bias`), which we do not store twice.
+The key map below is the whole conversion: every one of our parameters corresponds to exactly one of
+`BertForPreTraining`'s. Theirs additionally has `cls.predictions.decoder.weight` / `.bias`, tied to the
+word embeddings and to `cls.predictions.bias`; like `save_pretrained`, we do not store them twice.
+
+Exported folders load with `AutoModelForMaskedLM`, `AutoModelForPreTraining` (when the NSP head was
+trained), `AutoModel`, `AutoTokenizer` and `pipeline("fill-mask")`, with no custom code. Imported folders may
+hold `BertModel`, `BertForMaskedLM` or `BertForPreTraining` weights (safetensors, or a legacy
+`pytorch_model.bin` read with `weights_only=True`) and a `tokenizer.json` or `vocab.txt`.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Config, ModelConfig
+from .errors import UserError
+from .model import BertForPreTraining
+from .tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
 _EMBEDDINGS = {
     "bert.embeddings.word.weight": "bert.embeddings.word_embeddings.weight",
@@ -24,17 +43,22 @@ _LAYER = {  # ours (under bert.layers.{i}.) -> theirs (under bert.encoder.layer.
     "ffn_out": "output.dense",
     "ffn_norm": "output.LayerNorm",
 }
-_HEADS = {
+_POOLER = {
     "bert.pooler.weight": "bert.pooler.dense.weight",
     "bert.pooler.bias": "bert.pooler.dense.bias",
+}
+_MLM_HEAD = {
     "mlm.dense.weight": "cls.predictions.transform.dense.weight",
     "mlm.dense.bias": "cls.predictions.transform.dense.bias",
     "mlm.norm.weight": "cls.predictions.transform.LayerNorm.weight",
     "mlm.norm.bias": "cls.predictions.transform.LayerNorm.bias",
     "mlm.bias": "cls.predictions.bias",
+}
+_NSP_HEAD = {
     "nsp.weight": "cls.seq_relationship.weight",
     "nsp.bias": "cls.seq_relationship.bias",
 }
+_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
 def key_map(num_layers: int) -> dict[str, str]:
@@ -44,5 +68,238 @@ def key_map(num_layers: int) -> dict[str, str]:
         for ours, theirs in _LAYER.items():
             for kind in ("weight", "bias"):
                 out[f"bert.layers.{i}.{ours}.{kind}"] = f"bert.encoder.layer.{i}.{theirs}.{kind}"
-    out.update(_HEADS)
+    out.update(_POOLER)
+    out.update(_MLM_HEAD)
+    out.update(_NSP_HEAD)
     return out
+
+
+# -- export -----------------------------------------------------------------------------------------------
+
+
+def hf_config(cfg: ModelConfig, architecture: str) -> dict:
+    return {
+        "architectures": [architecture],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "max_position_embeddings": cfg.max_position,
+        "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.init_std,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def export_model(model: BertForPreTraining, tokenizer: Tokenizer, out: str | Path, *, nsp: bool = False,
+                 lowercase: bool | None = None) -> Path:
+    """Write a `transformers` folder: config.json, model.safetensors and tokenizer files.
+
+    With `nsp`, the architecture is `BertForPreTraining` (pooler and NSP head included); otherwise
+    `BertForMaskedLM` (what the run trained).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    names = key_map(cfg.num_layers)
+    keep = set(names) - (set() if nsp else set(_POOLER) | set(_NSP_HEAD))
+    state = {names[k]: v.detach().to("cpu", torch.float32).contiguous()
+             for k, v in model.state_dict().items() if k in keep}
+    architecture = "BertForPreTraining" if nsp else "BertForMaskedLM"
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, architecture), indent=2) + "\n")
+    save_hf_tokenizer(tokenizer, out, max_length=cfg.max_position, lowercase=lowercase)
+    return out
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, *, max_length: int, lowercase: bool | None) -> None:
+    """tokenizer.json (+ vocab.txt) and the small JSON files AutoTokenizer reads for special tokens."""
+    tokenizer.save(out)
+    specials = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
+    if tokenizer.kind == "wordpiece":
+        # BertTokenizerFast reads tokenizer.json; vocab.txt lets the slow BertTokenizer load too.
+        if lowercase is None:
+            lowercase = _is_lowercasing(tokenizer)
+        tok_cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase}
+    else:
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_cfg.update(specials, model_max_length=max_length, clean_up_tokenization_spaces=False)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def _is_lowercasing(tokenizer: Tokenizer) -> bool:
+    norm = json.loads(tokenizer.hf.to_str()).get("normalizer") or {}
+    return bool(norm.get("lowercase", False))
+
+
+def export_run(run: str | Path, out: str | Path) -> Path:
+    """Export a run folder (see `export_model`)."""
+    from .checkpoint import load, read_config
+
+    cfg = read_config(Path(run))
+    model, tokenizer = load(run)
+    return export_model(model, tokenizer, out, nsp=_trained_nsp(cfg), lowercase=cfg.data.lowercase
+                        if cfg.data.tokenizer == "wordpiece" else None)
+
+
+def _trained_nsp(cfg: Config) -> bool:
+    return getattr(cfg.train, "objective", "mlm") != "mlm"
+
+
+# -- import -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    architecture: str  # what the checkpoint held: BertModel, BertForMaskedLM or BertForPreTraining
+    initialised: list[str] = field(default_factory=list)  # heads absent from the checkpoint (fresh weights)
+    ignored: list[str] = field(default_factory=list)  # tensors of other heads (e.g. a classifier), not used
+
+    def describe(self) -> str:
+        fresh = f"; newly initialised: {', '.join(self.initialised)}" if self.initialised else ""
+        extra = f"; ignored: {', '.join(self.ignored[:4])}{' ...' if len(self.ignored) > 4 else ''}" if self.ignored else ""
+        return f"loaded {self.architecture} weights{fresh}{extra}"
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    """Our ModelConfig from a transformers config.json; refuses what is not a BERT we can run."""
+    path = folder / "config.json"
+    try:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read a transformers config ({e})") from None
+    if c.get("model_type") != "bert":
+        raise UserError(f"{path}: model_type is {c.get('model_type')!r}; only BERT checkpoints (model_type 'bert') can be imported")
+    problems = []
+    if c.get("hidden_act", "gelu") != "gelu":
+        problems.append(f"hidden_act {c.get('hidden_act')!r} (only exact 'gelu')")
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type {c.get('position_embedding_type')!r} (only 'absolute')")
+    if c.get("is_decoder") or c.get("add_cross_attention"):
+        problems.append("a decoder / cross-attention configuration")
+    if c.get("tie_word_embeddings") is False:
+        problems.append("untied word embeddings and decoder")
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+    missing = [k for k in required if not isinstance(c.get(k), int)]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if problems:
+        raise UserError(f"{path}: unsupported BERT variant: {'; '.join(problems)}")
+    return ModelConfig(
+        preset=None, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+        num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
+        max_position=c.get("max_position_embeddings", 512), type_vocab_size=c.get("type_vocab_size", 2),
+        hidden_dropout=c.get("hidden_dropout_prob", 0.1), attention_dropout=c.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-12), init_std=c.get("initializer_range", 0.02),
+        vocab_size=c["vocab_size"], pad_token_id=c.get("pad_token_id") or 0)
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers checkpoint: model.safetensors (single or sharded), else
+    pytorch_model.bin through torch.load(weights_only=True) — never an arbitrary pickle."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    files: list[Path] = []
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index}: not a safetensors index ({e})") from None
+        files = [folder / s for s in shards]
+    if files:
+        state = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        state[k] = sf.get_tensor(k)
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{f}: cannot read safetensors ({e})") from None
+        return state
+    legacy = folder / "pytorch_model.bin"
+    if legacy.is_file():
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise UserError(f"{legacy}: cannot read with weights_only=True ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{legacy}: expected a state dict")
+        return state
+    raise UserError(f"{folder}: no model.safetensors (or model.safetensors.index.json, pytorch_model.bin)")
+
+
+def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put every key in BertForPreTraining's form: 'bert.' prefix, LayerNorm weight/bias (not gamma/beta)."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if k.startswith(("embeddings.", "encoder.", "pooler.")):
+            k = "bert." + k
+        out[k] = v
+    return out
+
+
+def load_hf(folder: str | Path) -> tuple[BertForPreTraining, Tokenizer, ImportReport]:
+    """A transformers BERT folder as our model (eval mode, CPU), its tokenizer and what was initialised fresh."""
+    folder = Path(folder)
+    cfg = read_hf_config(folder)
+    tokenizer = Tokenizer.from_file(folder)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size} embeddings")
+    state = _normalise_keys(_read_hf_weights(folder))
+    torch.manual_seed(0)  # heads that the checkpoint lacks get a reproducible initialisation
+    model = BertForPreTraining(cfg)
+    names = key_map(cfg.num_layers)
+    ours = model.state_dict()
+    body = {k for k in names if k.startswith("bert.") and k not in _POOLER}
+    missing_body = sorted(names[k] for k in body if names[k] not in state)
+    if missing_body:
+        raise UserError(f"{folder}: not a complete BERT encoder: missing {', '.join(missing_body[:3])}"
+                        f"{f' and {len(missing_body) - 3} more' if len(missing_body) > 3 else ''}")
+    wrong = [(names[k], tuple(state[names[k]].shape), tuple(ours[k].shape)) for k in names
+             if names[k] in state and tuple(state[names[k]].shape) != tuple(ours[k].shape)]
+    if wrong:
+        theirs, got, want = wrong[0]
+        raise UserError(f"{folder}: {theirs} has shape {got}, config.json implies {want}")
+    decoder = state.get("cls.predictions.decoder.weight")
+    if decoder is not None and not torch.equal(decoder, state["bert.embeddings.word_embeddings.weight"]):
+        raise UserError(f"{folder}: the MLM decoder is not tied to the word embeddings; maskedlm needs tied weights")
+    report = ImportReport("BertModel")
+    groups = [("pooler", _POOLER), ("MLM head", _MLM_HEAD), ("NSP head", _NSP_HEAD)]
+    present = {name: all(t in state for t in keys.values()) for name, keys in groups}
+    if present["MLM head"]:
+        report.architecture = "BertForPreTraining" if present["NSP head"] else "BertForMaskedLM"
+    loaded = {k: state[t].to(torch.float32) for k, t in names.items() if t in state}
+    for name, keys in groups:
+        if not present[name]:
+            report.initialised.append(name)
+            for k in keys:
+                loaded.pop(k, None)
+    with torch.no_grad():
+        for k, v in loaded.items():
+            ours[k].copy_(v)
+    report.ignored = sorted(set(state) - set(names.values()) - set(_TIED) - {"bert.embeddings.position_ids"})
+    return model.eval(), tokenizer, report

@@ -15,6 +15,7 @@ generator's state, which a checkpoint can store. Inputs are never modified. Labe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -83,3 +84,24 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
     return apply_mask(input_ids, selected, mask_token_id=mask_token_id, vocab_size=vocab_size,
                       special_ids=special_ids, mask_token_frac=mask_token_frac,
                       random_token_frac=random_token_frac, generator=generator)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """The arguments of `mask_tokens` that are fixed for a run (the tokenizer's ids and the mask config)."""
+
+    mask_token_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    mask_prob: float = 0.15
+    mask_token_frac: float = 0.8
+    random_token_frac: float = 0.1
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, mask_config) -> "MaskSpec":
+        """From a `Tokenizer` and a `MaskConfig`."""
+        return cls(tokenizer.special.mask, tokenizer.vocab_size, tokenizer.special.all(), mask_config.mask_prob,
+                   mask_config.mask_token_frac, mask_config.random_token_frac)
+
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return mask_tokens(input_ids, generator=generator, **asdict(self))

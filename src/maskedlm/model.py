@@ -27,6 +27,11 @@ from torch import nn
 from .config import ModelConfig
 from .masking import IGNORE_INDEX
 
+# Longest sequence for which CPU bf16 attention uses explicit matmuls instead of SDPA (see _matmul_attention).
+MATMUL_ATTENTION_MAX_LEN = 256
+# The MLM head's row count is padded to a multiple of this (see BertForPreTraining.mlm_loss).
+PREDICTION_BUCKET = 64
+
 
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -63,9 +68,27 @@ class SelfAttention(nn.Module):
         q, k, v = (proj(x).view(B, T, self.num_heads, -1).transpose(1, 2) for proj in (self.query, self.key, self.value))
         # attn_mask: (B, 1, 1, T) bool, True where the key is a real token; None for packed batches,
         # which lets SDPA pick the flash / memory-efficient kernels on CUDA.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout_p if self.training else 0.0)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= MATMUL_ATTENTION_MAX_LEN:
+            y = _matmul_attention(q, k, v, attn_mask, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                      dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v with bf16 matmuls; (B, nh, T, hd) in and out.
+
+    The same function as SDPA. Used for short bf16 sequences on CPU only, where it measured 2-4x faster than
+    PyTorch's CPU SDPA kernels (their flash backward and the math path's fp32 upcast are slow at T <= 256;
+    BENCHMARKS.md). The scale is applied to q (half the size of the scores), and the softmax reads and
+    writes bf16 while accumulating in fp32 inside the kernel, so no fp32 copy of the (T, T) scores is made.
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return F.dropout(scores.softmax(-1), dropout_p) @ v
 
 
 class Block(nn.Module):
@@ -120,23 +143,96 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., H): the part of the head before the decoder."""
+        return self.norm(F.gelu(self.dense(h)))
+
     def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) logits."""
-        return F.linear(self.norm(F.gelu(self.dense(h))), decoder_weight, self.bias)
+        return F.linear(self.transform(h), decoder_weight, self.bias)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, t_i) and the number of rows whose argmax is t_i, in row chunks.
+
+    Each chunk's logits are formed, reduced to loss and argmax, and turned into d(loss)/d(logits) = softmax
+    - onehot while they are still in cache; only that gradient (in the compute dtype) is kept, and the two
+    gradient products run once at the end. The loss is the last operation of the graph, so its gradient
+    is known up to the incoming scalar, which backward applies. Versus logits -> float -> cross_entropy
+    this saves most of the memory traffic over (N, V), the head's bottleneck on CPUs (BENCHMARKS.md).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk: int):
+        N, V = h.shape[0], weight.shape[0]
+        need_grad = any(ctx.needs_input_grad[:3])
+        ignored = bool((targets == IGNORE_INDEX).any())  # rows that contribute nothing (padding)
+        acc = torch.promote_types(h.dtype, torch.float32)  # the softmax runs in fp32 at least
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        if need_grad:
+            grad_logits = torch.empty(N, V, dtype=h.dtype, device=h.device)  # (N, V)
+            grad_bias = torch.zeros(V, dtype=acc, device=h.device)
+        for start in range(0, N, chunk):
+            end = min(N, start + chunk)
+            t = targets[start:end]
+            valid = t != IGNORE_INDEX
+            t = t.clamp(min=0)
+            logits = torch.add(h[start:end] @ weight.t(), bias.to(acc))  # (c, V), fp32 (or fp64)
+            top, argmax = logits.max(-1)
+            correct += ((argmax == t) & valid).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            p = logits.sub_(top[:, None]).exp_()  # unnormalised softmax, in place
+            z = p.sum(-1)
+            row_loss = z.log() + top - target_logit
+            loss += (row_loss * valid).sum() if ignored else row_loss.sum()
+            if need_grad:
+                p.div_(z[:, None])
+                p[torch.arange(end - start, device=h.device), t] -= 1.0
+                if ignored:
+                    p.mul_(valid[:, None])
+                grad_bias += p.sum(0)
+                grad_logits[start:end] = p
+        if need_grad:
+            ctx.save_for_backward(grad_logits @ weight, grad_logits.t() @ h, grad_bias.to(bias.dtype))
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
+                grad_b * grad_loss.to(grad_b.dtype), None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of logits h @ weight^T + bias against targets, and the count of correct argmaxes.
+
+    h: (N, H); weight: (V, H); bias: (V,); targets: (N,), rows with -100 ignored. The matrix products run in the autocast dtype
+    when autocast is on (the softmax always in fp32).
+    """
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    # 64 rows per chunk on CPU (measured best for vocabularies of 8k and 30k: small enough to stay in cache,
+    # large enough for efficient matrix products); one chunk on GPUs, where bandwidth makes chunking moot.
+    chunk = 64 if dev == "cpu" else max(1, h.shape[0])
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), bias, targets, chunk)
 
 
 @dataclass
 class Output:
     """What `BertForPreTraining.forward` returns.
 
-    hidden_states: (B, T, H). logits: (B, T, V) without labels; with labels, (N, V) for the N predicted
-    positions only, in row-major order. loss_sum: summed cross-entropy over predicted positions (divide by
+    hidden_states: (B, T, H). logits: (B, T, V) without labels; None with labels (the loss is fused with
+    the decoder and the logits are never stored). loss_sum: summed cross-entropy over predicted positions (divide by
     `num_predicted`; summing lets accumulation and data parallelism normalise by the global count).
     correct: how many predicted positions the argmax got right. nsp_logits: (B, 2) when asked for.
     """
 
     hidden_states: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss_sum: torch.Tensor | None = None
     num_predicted: torch.Tensor | None = None
     correct: torch.Tensor | None = None
@@ -177,17 +273,27 @@ class BertForPreTraining(nn.Module):
         """input_ids: (B, T). labels: (B, T) with -100 where nothing is predicted, or None for dense logits."""
         hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
         nsp_logits = self.nsp(self.bert.pool(hidden)) if nsp else None  # (B, 2)
-        decoder = self.bert.embeddings.word.weight  # (V, H), tied
         if labels is None:
-            return Output(hidden, self.mlm(hidden, decoder), nsp_logits=nsp_logits)
-        # Sparse prediction: gather the predicted positions, run the head on those rows only.
+            return Output(hidden, self.mlm(hidden, self.bert.embeddings.word.weight), nsp_logits=nsp_logits)
+        loss_sum, correct = self.mlm_loss(hidden, labels)
+        return Output(hidden, None, loss_sum, (labels != IGNORE_INDEX).sum(), correct, nsp_logits)
+
+    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed MLM cross-entropy over the positions where labels != -100, and how many the argmax got right.
+
+        Sparse prediction: gather the predicted positions and run the head on those rows only, with the
+        decoder fused into the loss so the (N, V) logits are never stored (see linear_cross_entropy).
+        N is rounded up to a multiple of PREDICTION_BUCKET with ignored rows: the head's matrix products
+        then take one of a few shapes per run, and oneDNN / cuBLAS reuse their kernels (a new shape every
+        step costs oneDNN a kernel compilation, ~10 ms on CPU).
+        """
         flat = labels.reshape(-1)  # (B*T,)
-        keep = flat != IGNORE_INDEX
-        targets = flat[keep]  # (N,)
-        logits = self.mlm(hidden.reshape(-1, hidden.shape[-1])[keep], decoder)  # (N, V)
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        correct = (logits.argmax(-1) == targets).sum()
-        return Output(hidden, logits, loss_sum, keep.sum(), correct, nsp_logits)
+        idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+        pad = -idx.numel() % PREDICTION_BUCKET
+        targets = F.pad(flat[idx], (0, pad), value=IGNORE_INDEX)  # (N + pad,)
+        idx = F.pad(idx, (0, pad))  # padded rows read position 0; their targets are ignored
+        h = self.mlm.transform(hidden.reshape(-1, hidden.shape[-1])[idx])  # (N + pad, H)
+        return linear_cross_entropy(h, self.bert.embeddings.word.weight, self.mlm.bias, targets)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

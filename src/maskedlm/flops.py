@@ -1,0 +1,53 @@
+"""Model FLOPs and the machine's measured matmul peak, for model-FLOPs utilisation (MFU).
+
+FLOPs of one training step (forward + backward = 3x forward; a multiply-add counts as 2):
+
+    3 * [ B*T * L * (8*H^2 + 4*H*I + 4*T*H)      per token: Q, K, V, output projections; FFN; scores and AV
+          + N_pred * (2*H^2 + 2*H*V) ]            the MLM head on the predicted positions only
+
+This is "6 x parameters x tokens" for the encoder's matrices, plus attention, plus the masked-only head:
+the useful work of a step. Embedding lookups, norms and activations are not counted. The same formula is
+used for every system compared, so MFU ratios equal throughput ratios.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+
+from .config import ModelConfig
+
+
+def train_flops(cfg: ModelConfig, batch: int, seq_len: int, predicted: float) -> float:
+    """FLOPs of one optimizer step over `batch` sequences of `seq_len` with `predicted` MLM positions."""
+    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    per_token = L * (8 * H * H + 4 * H * I + 4 * seq_len * H)
+    head = predicted * (2 * H * H + 2 * H * V)
+    return 3.0 * (batch * seq_len * per_token + head)
+
+
+@functools.cache
+def matmul_peak(device_type: str, dtype: torch.dtype = torch.bfloat16, size: int | None = None) -> float:
+    """Measured FLOP/s of a large square matrix product on this device (median of several runs).
+
+    Random inputs (zeros run faster than real data on some hardware). A few seconds on a CPU.
+    """
+    n = size or (8192 if device_type == "cuda" else 2048)
+    device = torch.device(device_type)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    reps = 10 if device_type == "cuda" else 5
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
