@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -113,3 +114,162 @@ def load_for_init(path: str | Path) -> tuple[BertForPreTraining, Tokenizer, str]
         return model, tokenizer, report.describe()
     model, tokenizer = load(path)
     return model, tokenizer, "loaded a maskedlm run"
+
+
+# -- training checkpoints ---------------------------------------------------------------------------------
+#
+# RUN/checkpoints/step-00001000/
+#     model.safetensors       fp32 master weights
+#     optimizer.safetensors   optimizer state tensors ("state.<param index>.<name>")
+#     rng.safetensors         torch CPU / CUDA generator states and the masking generator's
+#     state.json              step, tokens, elapsed, data position, full config, tokenizer hash, world size,
+#                             optimizer hyper-parameters, Python and NumPy RNG states
+#     manifest.json           sha256 of each file above, verified on load
+# RUN/checkpoints/latest      name of the newest complete checkpoint, replaced last
+#
+# A checkpoint is written into a temporary folder, every file fsynced, then renamed into place; only then is
+# `latest` replaced (itself via a temporary file and a rename). A crash at any moment leaves either the old
+# `latest` pointing to an intact checkpoint, or the new one complete.
+
+CHECKPOINTS, LATEST = "checkpoints", "latest"
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, rng_tensors: dict[str, torch.Tensor], keep: int,
+                    protect: str | None = None) -> Path:
+    """Write a checkpoint atomically, point `latest` at it, then drop old ones beyond `keep` (never
+    `protect`, the one this run resumed from). Raises UserError when a value is not finite; OSError when
+    the disk refuses (the previous checkpoint is then untouched)."""
+    import shutil
+
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    opt_tensors = {f"state.{i}.{k}": v.detach().to("cpu").contiguous()
+                   for i, s in opt_state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    bad = _nonfinite(weights) or _nonfinite(opt_tensors)
+    if bad:
+        raise UserError(f"refusing to save a checkpoint at step {step}: {bad} holds non-finite values")
+    groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer_param_groups": groups}, indent=1))
+        manifest = {f: _sha256(tmp / f) for f in FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for f in (*FILES, "manifest.json"):
+            _fsync(tmp / f)
+        _fsync(tmp)
+        final = root / name
+        if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, root / LATEST)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    existing = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in existing[: max(0, len(existing) - keep)]:
+        if old not in (name, protect):
+            shutil.rmtree(root / old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder for `--resume PATH`: a run folder (its latest) or a checkpoint folder."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return p
+    pointer = p / CHECKPOINTS / LATEST
+    if not p.is_dir():
+        raise UserError(f"--resume: no such folder: {p}")
+    if not pointer.is_file():
+        raise UserError(f"--resume: {p} has no checkpoint to resume from (no {CHECKPOINTS}/{LATEST})")
+    ckpt = p / CHECKPOINTS / pointer.read_text().strip()
+    if not ckpt.is_dir():
+        raise UserError(f"{pointer} names {ckpt.name}, which does not exist")
+    return ckpt
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file against manifest.json; a missing file or a changed byte is an error naming it."""
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{ckpt}: unreadable manifest.json ({e})") from None
+    for f in FILES:
+        if f not in manifest or not (ckpt / f).is_file():
+            raise UserError(f"{ckpt}: {f} is missing; the checkpoint is incomplete")
+        if _sha256(ckpt / f) != manifest[f]:
+            raise UserError(f"{ckpt / f}: sha256 does not match manifest.json; the file is corrupted "
+                            f"(resume from an older checkpoint: --resume {ckpt.parent}/step-...)")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict  # state.json
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    ckpt = find_checkpoint(path)
+    verify_checkpoint(ckpt)
+    return Checkpoint(ckpt, json.loads((ckpt / "state.json").read_text()), load_file(str(ckpt / "model.safetensors")),
+                      load_file(str(ckpt / "optimizer.safetensors")), load_file(str(ckpt / "rng.safetensors")))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    state: dict[int, dict] = {}
+    for key, tensor in ckpt.optimizer.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = tensor
+    groups = ckpt.state["optimizer_param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

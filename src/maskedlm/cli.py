@@ -46,6 +46,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
 
 def _config_from_args(ns: argparse.Namespace) -> Config:
     cfg = Config()
+    resume = vars(ns).get("train.resume")
+    if resume:  # a resumed run starts from its own config; flags then say what changes
+        from .checkpoint import find_checkpoint
+
+        state = json.loads((find_checkpoint(resume) / "state.json").read_text())
+        cfg = Config.from_dict(state["config"], allow_derived=True)
     if getattr(ns, "config", None):
         cfg.update(load_config_file(ns.config), source=ns.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -95,7 +101,9 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.command == "pretrain":
         from .train import pretrain
 
-        pretrain(_config_from_args(ns))
+        result = pretrain(_config_from_args(ns))
+        if result.stopped_by == "SIGINT":
+            return 130
     elif ns.command == "prepare":
         from .data import prepare
 

@@ -312,21 +312,25 @@ def _read_meta(folder: Path, tok: Tokenizer, log) -> dict:
 
 def _hold_out_tail(tmp: Path, train: _SplitWriter, valid: _SplitWriter, fraction: float, dtype: np.dtype) -> str:
     """No document fell into the held-out split: move the last training document (or, with a single
-    document, its last `fraction` of tokens) there, so evaluation always has data."""
-    stream = np.fromfile(tmp / "train.bin", dtype=dtype)
+    document, its last `fraction` of tokens) there, so evaluation always has data. Copies in bounded
+    chunks, whatever the size of the stream."""
     n_docs = len(train.offsets) - 1
     if n_docs >= 2:
         cut = train.offsets[-2]
         note = "no document was drawn for validation; held out the last training document"
         train.offsets.pop()
     else:
-        cut = int(len(stream) * (1 - fraction))
+        cut = int(train.num_tokens * (1 - fraction))
         note = f"the corpus is a single document; held out its last {fraction:.0%} of tokens for validation"
         train.offsets[-1] = cut
-    stream[cut:].tofile(tmp / "valid.bin")
-    valid.num_tokens = len(stream) - cut
+    stream = np.memmap(tmp / "train.bin", dtype=dtype, mode="r", shape=(train.num_tokens,))
+    with open(tmp / "valid.bin", "wb") as f:
+        for start in range(cut, train.num_tokens, 1 << 24):
+            np.asarray(stream[start:min(train.num_tokens, start + (1 << 24))]).tofile(f)
+    del stream
+    os.truncate(tmp / "train.bin", cut * dtype.itemsize)
+    valid.num_tokens = train.num_tokens - cut
     valid.offsets = [0, valid.num_tokens]
-    stream[:cut].tofile(tmp / "train.bin")
     train.num_tokens = cut
     return note
 
@@ -410,11 +414,11 @@ class BatchLoader:
     """
 
     def __init__(self, seqs: PackedSequences, sampler: EpochSampler, batch_size: int, *, pin: bool = False,
-                 prefetch: int = 2):
+                 prefetch: int = 2, max_id: int | None = None):
         import queue
         import threading
 
-        self.seqs, self.sampler, self.batch_size, self.pin = seqs, sampler, batch_size, pin
+        self.seqs, self.sampler, self.batch_size, self.pin, self.max_id = seqs, sampler, batch_size, pin, max_id
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="maskedlm-loader", daemon=True)
@@ -426,6 +430,9 @@ class BatchLoader:
         try:
             while not self._stop.is_set():
                 ids, _ = self.seqs.get(self.sampler.take(self.batch_size))
+                if self.max_id is not None and ids.max() >= self.max_id:  # before any embedding lookup
+                    raise UserError(f"training data holds token id {int(ids.max())}, outside the model's "
+                                    f"vocabulary of {self.max_id}: the prepared data does not match the model")
                 t = torch.from_numpy(ids)
                 if self.pin:
                     t = t.pin_memory()

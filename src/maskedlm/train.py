@@ -33,6 +33,7 @@ from .fill_mask import sample_view
 from .masking import MaskSpec
 from .model import BertForPreTraining
 from .runtime import resolve_device, resolve_precision
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -43,15 +44,7 @@ class TrainState:
     tokens: int = 0  # training tokens consumed
     elapsed: float = 0.0  # seconds spent training (evaluations excluded)
     data_position: int = 0  # sequences served by the sampler
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    eval: EvalResult
-    steps: int
-    elapsed: float
-    tokens_per_second: float
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
 
 
 def lr_factor(progress: float, t: TrainConfig) -> float:
@@ -97,6 +90,7 @@ class StepStats:
     predicted: torch.Tensor
     correct: torch.Tensor
     grad_norm: torch.Tensor
+    skipped: bool = False  # the loss or gradient was not finite: no update was made
 
 
 class TrainStep:
@@ -158,12 +152,15 @@ class TrainStep:
             correct += out_correct
         clip = self.clip_grad if self.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
-        self.optimizer.step()
+        # A non-finite loss or gradient skips the update (weights and optimizer state stay as they were).
+        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.compute is not self.model:
+        if finite and self.compute is not self.model:
             with torch.no_grad():
                 torch._foreach_copy_(self.compute_params, self.params)
-        return StepStats(loss_sum, n_pred, correct, grad_norm)
+        return StepStats(loss_sum, n_pred, correct, grad_norm, skipped=not finite)
 
     def _accumulate_grads(self, first: bool) -> None:
         """Move the compute copy's (bf16) gradients into the fp32 master gradients, summing in fp32."""
@@ -216,30 +213,131 @@ class _Progress:
             self.bar.close()
 
 
+# Settings that change what a run computes: a resume that changes them is refused unless allowed.
+RESUME_FIXED = {
+    "model": ["num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position", "type_vocab_size",
+              "vocab_size"],
+    "data": ["corpus", "train", "valid", "valid_fraction", "doc_boundary", "text_field", "tokenizer", "vocab_size",
+             "lowercase", "seq_len"],
+    "mask": ["mask_prob", "mask_token_frac", "random_token_frac"],
+    "train": ["batch_size", "seed", "init_from"],
+}
+
+
+def resume_differences(saved: Config, new: Config) -> list[str]:
+    """'section.field: old -> new' for every RESUME_FIXED setting that differs."""
+    out = []
+    for section, names in RESUME_FIXED.items():
+        for name in names:
+            a, b = getattr(getattr(saved, section), name), getattr(getattr(new, section), name)
+            if a != b:
+                out.append(f"{section}.{name}: {a!r} -> {b!r}")
+    return out
+
+
+def _rng_snapshot(mask_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    import random
+
+    import numpy as np
+
+    tensors = {"torch_cpu": torch.get_rng_state(), "mask": mask_gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, plain
+
+
+def _rng_restore(tensors: dict[str, torch.Tensor], plain: dict, mask_gen: torch.Generator) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    mask_gen.set_state(tensors["mask"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    py = plain["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def _install_signal_handlers(flag: dict):
+    """SIGTERM / SIGINT set flag['signal']; the loop finishes its step, checkpoints and exits. A second
+    signal interrupts at once. Only possible from the main thread (returns {} elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, _frame):
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    eval: EvalResult | None  # None when stopped by a signal
+    steps: int
+    elapsed: float
+    tokens_per_second: float
+    stopped_by: str | None = None  # 'SIGTERM' or 'SIGINT' when a signal ended the run early
+    checkpoint: Path | None = None
+
+
 def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunResult:
-    """Pre-train a model as configured; returns the run folder and final held-out metrics."""
+    """Pre-train a model as configured (or resume one); returns the run folder and final held-out metrics."""
+    import signal
+
     cfg = cfg.resolved()
     t = cfg.train
     device = resolve_device(t.device)
     amp_dtype = resolve_precision(t.precision, device)
-    run_dir = new_run_dir(t.out)
-    t.out = str(run_dir)
 
-    init_model = None
-    if t.init_from:
-        # Continued pre-training: the checkpoint's shape, weights and tokenizer; this run's dropout.
-        init_model, init_tok, note = checkpoint.load_for_init(t.init_from)
-        dropout = cfg.model.hidden_dropout, cfg.model.attention_dropout
-        cfg.model = dataclasses.replace(init_model.config, preset=None)
-        cfg.model.hidden_dropout, cfg.model.attention_dropout = dropout
-        cfg.data.tokenizer = str(t.init_from)
-        log(f"{t.init_from}: {note}")
-    data = prepare(cfg.data, tokenizer=init_tok if init_model is not None else None, log=log)
+    ckpt = checkpoint.read_checkpoint(t.resume) if t.resume else None
+    init_model = init_tok = None
+    if ckpt is not None:
+        saved = Config.from_dict(ckpt.state["config"], allow_derived=True)
+        # The shape comes from the run; only then compare what the user asked for with what it was.
+        cfg.model.vocab_size, cfg.model.pad_token_id = saved.model.vocab_size, saved.model.pad_token_id
+        diffs = resume_differences(saved, cfg)
+        if diffs and not t.allow_config_change:
+            raise UserError(f"--resume would change the run: {'; '.join(diffs)} (pass --allow-config-change to accept)")
+        run_dir = ckpt.path.parent.parent
+        t.out = str(run_dir)
+        init_tok = Tokenizer.from_file(run_dir / checkpoint.TOKENIZER)
+        if init_tok.hash != ckpt.state["tokenizer_hash"]:
+            raise UserError(f"{run_dir}: tokenizer.json has hash {init_tok.hash[:12]}, the checkpoint was trained "
+                            f"with {ckpt.state['tokenizer_hash'][:12]}")
+        log(f"resuming {run_dir} from {ckpt.path.name} (step {ckpt.state['step']})"
+            + (f"; changed: {'; '.join(diffs)}" if diffs else ""))
+    else:
+        run_dir = new_run_dir(t.out)
+        t.out = str(run_dir)
+        if t.init_from:
+            # Continued pre-training: the checkpoint's shape, weights and tokenizer; this run's dropout.
+            init_model, init_tok, note = checkpoint.load_for_init(t.init_from)
+            dropout = cfg.model.hidden_dropout, cfg.model.attention_dropout
+            cfg.model = dataclasses.replace(init_model.config, preset=None)
+            cfg.model.hidden_dropout, cfg.model.attention_dropout = dropout
+            log(f"{t.init_from}: {note}")
+
+    data = prepare(cfg.data, tokenizer=init_tok, log=log)
     tok = data.tokenizer
-    if init_model is None:
+    if init_tok is None:
         cfg.model.vocab_size, cfg.model.pad_token_id = tok.vocab_size, tok.special.pad
     if data.meta["max_token_id"] >= cfg.model.vocab_size:
-        raise UserError(f"{data.folder}: token id {data.meta['max_token_id']} >= vocabulary size {cfg.model.vocab_size}")
+        raise UserError(f"{data.folder}: token id {data.meta['max_token_id']} >= the model's vocabulary of {cfg.model.vocab_size}")
     if cfg.data.seq_len > cfg.model.max_position:
         raise UserError(f"--seq-len {cfg.data.seq_len} exceeds the model's {cfg.model.max_position} positions")
     seq_len = cfg.data.seq_len
@@ -251,11 +349,18 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
     model = BertForPreTraining(cfg.model)
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
+    if ckpt is not None:
+        model.load_state_dict(ckpt.weights)
     model.to(device).train()
     opt = make_optimizer(model, t)
-    loader = BatchLoader(train_seqs, EpochSampler(len(train_seqs), t.seed), t.batch_size, pin=device.type == "cuda")
     mask_gen = torch.Generator(device=device).manual_seed(t.seed)
     state = TrainState()
+    if ckpt is not None:
+        checkpoint.restore_optimizer(opt, ckpt)
+        state = TrainState(**ckpt.state["train_state"])
+        _rng_restore(ckpt.rng, ckpt.state["rng"], mask_gen)
+    loader = BatchLoader(train_seqs, EpochSampler(len(train_seqs), t.seed, position=state.data_position),
+                         t.batch_size, pin=device.type == "cuda", max_id=cfg.model.vocab_size)
 
     checkpoint.save_config(cfg, run_dir / checkpoint.CONFIG)
     tok.save(run_dir)
@@ -265,11 +370,30 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
         metrics.write(json.dumps(entry) + "\n")
         metrics.flush()
 
+    last_ckpt: Path | None = ckpt.path if ckpt is not None else None
+    protect = ckpt.path.name if ckpt is not None else None
+
+    def save(final: bool = False) -> None:
+        nonlocal last_ckpt
+        tensors, plain = _rng_snapshot(mask_gen)
+        payload = {"format": 1, "step": state.step, "train_state": asdict(state), "config": cfg.to_dict(),
+                   "tokenizer_hash": tok.hash, "world_size": 1, "rng": plain}
+        try:
+            last_ckpt = checkpoint.save_checkpoint(run_dir, step=state.step, model=model, optimizer=opt,
+                                                   state=payload, rng_tensors=tensors, keep=t.keep_checkpoints,
+                                                   protect=protect)
+        except OSError as e:
+            if final:
+                raise UserError(f"could not write the final checkpoint ({e.strerror or e}); "
+                                f"the last good one is {last_ckpt or 'none'}") from None
+            log(f"warning: checkpoint at step {state.step} failed ({e.strerror or e}); "
+                f"the previous one ({last_ckpt.name if last_ckpt else 'none'}) is intact; training goes on")
+
     stop = f"{t.max_steps} steps" if t.max_steps else ""
     if t.time_budget:
         stop += (" or " if stop else "") + f"{t.time_budget:g}s"
     log(f"model: {cfg.model.preset or 'custom'} ({cfg.model.num_layers}L/{cfg.model.hidden_size}H, "
-        f"{model.num_parameters() / 1e6:.1f}M parameters), vocab {tok.vocab_size}, seq {seq_len}, "
+        f"{model.num_parameters() / 1e6:.1f}M parameters), vocab {cfg.model.vocab_size}, seq {seq_len}, "
         f"batch {t.batch_size}, on {device} ({'bf16 mixed precision' if amp_dtype else 'fp32'}); "
         f"{len(train_seqs):,} training sequences; stop at {stop}; run folder {run_dir}")
 
@@ -281,10 +405,14 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
     peak = matmul_peak(device.type, amp_dtype or torch.float32)
     bar = _Progress(progress_bar)
     tokens_per_step = t.batch_size * seq_len
-    window = {"loss_sum": 0.0, "predicted": 0, "correct": 0, "steps": 0, "time": 0.0, "data_time": 0.0}
+    window = dict.fromkeys(["loss_sum", "predicted", "correct", "steps", "time", "data_time"], 0.0)
     last_eval: EvalResult | None = None
+    last_save_time = time.time()
+    nonfinite_run = 0
+    flag: dict = {"signal": None}
+    old_handlers = _install_signal_handlers(flag)
     try:
-        while progress(state, t) < 1.0:
+        while progress(state, t) < 1.0 and flag["signal"] is None:
             t0 = time.perf_counter()
             lr = t.lr * lr_factor(progress(state, t, ahead=1), t)
             ids, position = loader.next()
@@ -295,6 +423,16 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
             state.tokens += tokens_per_step
             state.data_position = position
             state.elapsed += time.perf_counter() - t0
+            if stats.skipped:
+                state.skipped_steps += 1
+                nonfinite_run += 1
+                log(f"warning: step {state.step}: non-finite loss or gradient norm; update skipped")
+                if nonfinite_run >= t.max_nonfinite:
+                    raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last: step "
+                                    f"{state.step}); stopped. Last good checkpoint: {last_ckpt or 'none'} "
+                                    "(lower --lr, or check the data)")
+                continue
+            nonfinite_run = 0
             window["loss_sum"] += float(stats.loss_sum)
             window["predicted"] += int(stats.predicted)
             window["correct"] += int(stats.correct)
@@ -304,35 +442,54 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
 
             done = progress(state, t) >= 1.0
             if state.step % t.log_every == 0 or done:
+                n = max(window["steps"], 1)
                 loss = window["loss_sum"] / max(window["predicted"], 1)
                 tps = window["steps"] * tokens_per_step / max(window["time"], 1e-9)
-                flops = train_flops(cfg.model, t.batch_size, seq_len, window["predicted"] / window["steps"])
+                flops = train_flops(cfg.model, t.batch_size, seq_len, window["predicted"] / n)
                 mfu = flops * window["steps"] / max(window["time"], 1e-9) / peak
                 record({"step": state.step, "loss": loss, "accuracy": window["correct"] / max(window["predicted"], 1),
-                        "lr": lr, "grad_norm": float(stats.grad_norm), "tokens_per_s": tps, "elapsed": state.elapsed,
-                        "tokens": state.tokens, "epoch": position / len(train_seqs),
-                        "mfu": mfu, "step_ms": 1e3 * window["time"] / window["steps"],
-                        "data_ms": 1e3 * window["data_time"] / window["steps"]})
+                        "lr": lr, "grad_norm": float(stats.grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                        "elapsed": state.elapsed, "tokens": state.tokens, "epoch": position / len(train_seqs),
+                        "step_ms": 1e3 * window["time"] / n, "data_ms": 1e3 * window["data_time"] / n,
+                        "skipped_steps": state.skipped_steps})
                 p = progress(state, t)
                 eta = state.elapsed * (1 - p) / max(p, 1e-9)
                 bar.update(p, f"step {state.step} loss {loss:.3f} {tps / 1e3:.1f}k tok/s MFU {mfu:.0%} ETA {eta:.0f}s")
-                window = dict.fromkeys(window, 0)
+                window = dict.fromkeys(window, 0.0)
             if (t.eval_every and state.step % t.eval_every == 0) or done:
                 last_eval = evaluator(model, device, amp_dtype)
                 record({"step": state.step, "split": "valid", **last_eval.as_dict(), "elapsed": state.elapsed})
+            if not done and ((t.checkpoint_every and state.step % t.checkpoint_every == 0)
+                             or (t.checkpoint_minutes and time.time() - last_save_time >= 60 * t.checkpoint_minutes)):
+                save()
+                last_save_time = time.time()
+        if flag["signal"] is not None:
+            save(final=True)
+            name = signal.Signals(flag["signal"]).name
+            log(f"stopped by {name} at step {state.step}; checkpoint {last_ckpt}; "
+                f"resume with: maskedlm pretrain --resume {run_dir}")
+            return RunResult(run_dir, None, state.step, state.elapsed, state.tokens / max(state.elapsed, 1e-9),
+                             stopped_by=name, checkpoint=last_ckpt)
     finally:
+        import signal as _signal
+
+        for s, h in old_handlers.items():
+            _signal.signal(s, h)
         loader.close()
         bar.close()
         metrics.close()
 
-    assert last_eval is not None
+    if last_eval is None:  # resumed a run that had already finished
+        last_eval = evaluator(model, device, amp_dtype)
+    save(final=True)
     checkpoint.save_weights(model, run_dir / checkpoint.WEIGHTS)
     export_model(model, tok, run_dir / "hf", nsp=False,
                  lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
     checkpoint.atomic_write_text(run_dir / "eval.json", json.dumps(
         {"step": state.step, **last_eval.as_dict(), "train_state": asdict(state)}, indent=2) + "\n")
     tps = state.tokens / max(state.elapsed, 1e-9)
-    log(f"done: {state.step} steps, {state.tokens:,} tokens in {state.elapsed:.0f}s ({tps / 1e3:.1f}k tokens/s)")
+    log(f"done: {state.step} steps, {state.tokens:,} tokens in {state.elapsed:.0f}s ({tps / 1e3:.1f}k tokens/s)"
+        + (f"; {state.skipped_steps} step(s) skipped (non-finite)" if state.skipped_steps else ""))
     log(f"held-out: loss {last_eval.loss:.3f}, masked-token accuracy {last_eval.accuracy:.1%}, "
         f"perplexity {last_eval.perplexity:.1f} ({last_eval.predicted:,} predictions)")
     if t.sample:
@@ -340,4 +497,4 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
         log(sample_view(model, tok, data.valid.tokens, mask_prob=cfg.mask.mask_prob, seed=t.eval_seed,
                         color=sys.stdout.isatty(), amp_dtype=amp_dtype))
     log(f"saved to {run_dir}")
-    return RunResult(run_dir, last_eval, state.step, state.elapsed, tps)
+    return RunResult(run_dir, last_eval, state.step, state.elapsed, tps, checkpoint=last_ckpt)
