@@ -56,32 +56,32 @@ def sync(device: torch.device) -> None:
 class DenseHeadStep(TrainStep):
     """Ablation: the MLM head on every position, then cross-entropy with ignore_index (the plain dense path)."""
 
-    def forward(self, inputs, labels):
-        hidden = self.encoder(inputs)
+    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None):
+        hidden = self.encoder(inputs, attention_mask, token_type_ids)
         logits = self.compute.mlm(hidden, self.compute.bert.embeddings.word.weight)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         keep = labels != IGNORE_INDEX
-        return loss, (logits.argmax(-1)[keep] == labels[keep]).sum()
+        return loss, (logits.argmax(-1)[keep] == labels[keep]).sum(), hidden
 
 
 class SparseUnfusedStep(TrainStep):
     """Ablation: the head on the predicted positions only, but logits -> float -> cross_entropy (not fused)."""
 
-    def forward(self, inputs, labels):
-        hidden = self.encoder(inputs)
+    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None):
+        hidden = self.encoder(inputs, attention_mask, token_type_ids)
         flat = labels.reshape(-1)
         keep = flat != IGNORE_INDEX
         logits = self.compute.mlm(hidden.reshape(-1, hidden.shape[-1])[keep], self.compute.bert.embeddings.word.weight)
         targets = flat[keep]
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), (logits.argmax(-1) == targets).sum(), hidden
 
 
 class AutocastStep(TrainStep):
     """Ablation: fp32 weights with bf16 autocast around forward and backward (instead of a bf16 copy)."""
 
-    def forward(self, inputs, labels):
+    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None):
         with autocast(self.device, torch.bfloat16):
-            return super().forward(inputs, labels)
+            return super().forward(inputs, labels, attention_mask, token_type_ids)
 
 
 @contextlib.contextmanager
@@ -147,6 +147,35 @@ def make_peer(cfg: ModelConfig, device: torch.device, amp, attn: str):
     return run
 
 
+# -- the pretrain command itself ---------------------------------------------------------------------------
+
+
+def pretrain_tokens_per_s(shape: str, seq: int, batch: int, steps: int, device: str, workdir: Path) -> float:
+    """Steady-state tokens/s that `maskedlm pretrain` logs on this shape (embedded corpus; the trained
+    WordPiece vocabulary is padded with [unusedN] entries to the shape's size, as BERT's vocab.txt is)."""
+    import subprocess
+
+    from maskedlm.config import DataConfig
+    from maskedlm.data import build_tokenizer
+
+    preset, vocab = shape.split("-")
+    tok = build_tokenizer(DataConfig(vocab_size=int(vocab)), log=lambda *a: None)
+    tokens = [t for t, _ in sorted(tok.hf.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens += [f"[unused{i}]" for i in range(int(vocab) - len(tokens))]
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    out = workdir / f"run-{shape}-{seq}"
+    cmd = [sys.executable, "-m", "maskedlm", "pretrain", "--tokenizer", str(workdir / "vocab.txt"), "--model", preset,
+           "--seq-len", str(seq), "--batch-size", str(batch), "--max-steps", str(steps), "--log-every", "5",
+           "--eval-every", "0", "--eval-sequences", "64", "--checkpoint-every", "0", "--no-sample",
+           "--device", device, "--out", str(out)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]  # skip warm-up windows
+    return statistics.median(rates)
+
+
 # -- timing -----------------------------------------------------------------------------------------------
 
 
@@ -199,6 +228,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ablations", action="store_true", help="also time our step with each technique off")
     ap.add_argument("--with-compile", action="store_true", help="also time our step with --compile")
+    ap.add_argument("--pretrain-steps", type=int, default=0,
+                    help="also run `maskedlm pretrain` for this many steps per shape and report its logged tokens/s")
     ap.add_argument("--peer-attn", nargs="+", default=["sdpa", "eager"])
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
@@ -238,12 +269,22 @@ def main(argv=None) -> dict:
                                      "tflops": flops / r["median_s"] / 1e12,
                                      "mfu": flops / r["median_s"] / peak,
                                      "vs_peer": res[peer]["median_s"] / r["median_s"]}
+            if args.pretrain_steps:
+                import tempfile
+
+                tps = pretrain_tokens_per_s(shape, seq, args.batch, args.pretrain_steps, args.device,
+                                            Path(tempfile.mkdtemp(prefix="maskedlm-bench-")))
+                row["pretrain_logged"] = {"tokens_per_s": tps, "vs_peer": tps / row["systems"][peer]["tokens_per_s"]}
             results.append(row)
             print(f"\n{shape} seq {seq} batch {args.batch} (peer: {peer})")
             print(f"  {'system':30s} {'tokens/s':>10s} {'step ms':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'x peer':>7s}")
             for k, r in row["systems"].items():
                 print(f"  {k:30s} {r['tokens_per_s']:10.0f} {r['step_ms']:9.1f} {r['tflops']:8.3f} "
                       f"{r['mfu']:6.1%} {r['vs_peer']:7.2f}", flush=True)
+            if "pretrain_logged" in row:
+                pl = row["pretrain_logged"]
+                print(f"  {'maskedlm pretrain (logged)':30s} {pl['tokens_per_s']:10.0f} {'':9s} {'':8s} {'':6s} "
+                      f"{pl['vs_peer']:7.2f}", flush=True)
     out = {"host": host, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

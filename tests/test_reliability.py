@@ -255,12 +255,12 @@ def test_nonfinite_steps_are_skipped_then_abort_names_the_last_checkpoint(tmp_pa
     real = train_mod.TrainStep.forward
     calls = {"n": 0}
 
-    def poisoned(self, inputs, labels):
+    def poisoned(self, inputs, labels, *rest):
         calls["n"] += 1
-        loss, correct = real(self, inputs, labels)
+        loss, correct, hidden = real(self, inputs, labels, *rest)
         if calls["n"] in (5, 6) or calls["n"] >= 15:
             loss = loss * float("nan")
-        return loss, correct
+        return loss, correct, hidden
 
     monkeypatch.setattr(train_mod.TrainStep, "forward", poisoned)
     cfg = small_run_config(tmp_path, corpus, "n", max_steps=50, max_nonfinite=3)
@@ -277,13 +277,13 @@ def test_nonfinite_steps_are_skipped_then_abort_names_the_last_checkpoint(tmp_pa
 def test_token_id_outside_the_vocabulary_is_an_error_before_the_embedding(tmp_path):
     import numpy as np
 
-    from maskedlm.data import BatchLoader, EpochSampler, PackedSequences, Split
+    from maskedlm.data import BatchLoader, PackedSequences, PackedSource, Split
     from maskedlm.tokenizer import SpecialIds
 
     stream = np.arange(5, 5 + 600, dtype=np.uint16)
     stream[300] = 9999
     seqs = PackedSequences(Split(stream, np.array([0, 600])), 32, SpecialIds(0, 1, 2, 3, 4))
-    loader = BatchLoader(seqs, EpochSampler(len(seqs), 0), batch_size=len(seqs), max_id=1000)
+    loader = BatchLoader(PackedSource(seqs, seed=0), batch_size=len(seqs), max_id=1000)
     with pytest.raises(UserError, match="token id 9999, outside the model's vocabulary of 1000"):
         loader.next()
     loader.close()

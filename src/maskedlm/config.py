@@ -80,7 +80,8 @@ class DataConfig:
     tokenizer: str = _f("wordpiece", help="'wordpiece' (trained on the training text), 'char', or a tokenizer.json / vocab.txt path")
     vocab_size: int = _f(8192, help="vocabulary size of a trained WordPiece tokenizer")
     lowercase: bool = _f(True, help="lowercase text in trained tokenizers (BERT 'uncased')")
-    seq_len: int = _f(128, help="tokens per training sequence, [CLS] and [SEP] included")
+    seq_len: int = _f(128, help="tokens per training sequence, [CLS] and [SEP] included (the final length under a schedule)")
+    short_seq_prob: float = _f(0.1, help="sentence pairs: probability of a shorter random target length (BERT's)")
     cache_dir: Optional[str] = _f(None, help="where prepared data is cached (default: $MASKEDLM_CACHE or ~/.cache/maskedlm)")
 
 
@@ -89,10 +90,16 @@ class MaskConfig:
     mask_prob: float = _f(0.15, help="fraction of (non-special) tokens selected for prediction")
     mask_token_frac: float = _f(0.8, help="of the selected, the fraction replaced by [MASK]")
     random_token_frac: float = _f(0.1, help="of the selected, the fraction replaced by a random token (the rest stay unchanged)")
+    strategy: Literal["token", "whole_word", "span"] = _f("token", flag="--masking", help="what is selected: single tokens (BERT), whole words, or spans (SpanBERT)")
+    span_p: float = _f(0.2, help="span masking: parameter of the geometric span-length distribution")
+    span_max: int = _f(10, help="span masking: longest span")
 
 
 @dataclass
 class TrainConfig:
+    objective: Literal["mlm", "mlm+nsp", "mlm+sop"] = _f("mlm", help="masked LM alone, or with next-sentence / sentence-order prediction on sentence pairs")
+    seq_len_schedule: Optional[str] = _f(None, help="sequence-length curriculum: 'L:fraction,...' (e.g. 64:0.9,128:0.1) or 'ramp:FROM:TO[:STEP]'; ends at --seq-len")
+    schedule_keep_tokens: bool = _f(True, help="under a length schedule, scale the batch so each step has the same number of tokens")
     batch_size: int = _f(32, help="sequences per optimizer step (split over --grad-accum micro-batches)")
     grad_accum: int = _f(1, help="micro-batches per optimizer step")
     lr: float = _f(1e-3, help="peak learning rate")
@@ -170,6 +177,7 @@ class Config:
             (0.0 < d.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)"),
             (d.vocab_size >= 16, "data.vocab_size must be >= 16"),
             (0.0 < k.mask_prob < 1.0, "mask.mask_prob must be in (0, 1)"),
+            (0.0 < k.span_p <= 1.0 and k.span_max >= 1, "mask.span_p must be in (0, 1] and mask.span_max >= 1"),
             (k.mask_token_frac >= 0 and k.random_token_frac >= 0 and k.mask_token_frac + k.random_token_frac <= 1.0,
              "mask.mask_token_frac + mask.random_token_frac must be in [0, 1], each >= 0"),
             (t.batch_size >= 1 and t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
@@ -190,6 +198,14 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        phases = self.seq_len_phases()
+        if max(length for length, _ in phases) > m.max_position:
+            raise UserError(f"train.seq_len_schedule reaches {max(length for length, _ in phases)} tokens, more than "
+                            f"model.max_position ({m.max_position})")
+
+    def seq_len_phases(self) -> list[tuple[int, float]]:
+        """The sequence-length schedule as (length, end of phase in [0, 1]) pairs; one phase without one."""
+        return parse_seq_len_schedule(self.train.seq_len_schedule, self.data.seq_len)
 
     def resolved(self) -> "Config":
         """A copy with run-time defaults applied (the time budget of the default run)."""
@@ -289,3 +305,40 @@ def cli_fields() -> list[tuple[str, dataclasses.Field, Any]]:
 
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def parse_seq_len_schedule(spec: str | None, final: int) -> list[tuple[int, float]]:
+    """'64:0.9,128:0.1' -> [(64, 0.9), (128, 1.0)]; 'ramp:64:128:32' -> [(64, 1/3), (96, 2/3), (128, 1.0)].
+
+    Phases are given as fractions of training progress (they must add up to 1); the last phase must be
+    at `final` (data.seq_len), the length the model is evaluated at."""
+    if not spec:
+        return [(final, 1.0)]
+    where = f"train.seq_len_schedule {spec!r}"
+    try:
+        if spec.startswith("ramp:"):
+            parts = [int(x) for x in spec.split(":")[1:]]
+            lo, hi, step = (parts + [16])[:3] if len(parts) in (2, 3) else (0, 0, 0)
+            if not (8 <= lo < hi and step > 0):
+                raise ValueError
+            lengths = list(range(lo, hi, step)) + [hi]
+            phases = [(n, 1.0 / len(lengths)) for n in lengths]
+        else:
+            phases = []
+            for part in spec.split(","):
+                length, frac = part.split(":")
+                phases.append((int(length), float(frac)))
+    except ValueError:
+        raise UserError(f"{where}: expected 'L:fraction,...' or 'ramp:FROM:TO[:STEP]'") from None
+    if any(n < 8 or f <= 0 for n, f in phases):
+        raise UserError(f"{where}: lengths must be >= 8 and fractions > 0")
+    if abs(sum(f for _, f in phases) - 1.0) > 1e-6:
+        raise UserError(f"{where}: the fractions add up to {sum(f for _, f in phases):g}, not 1")
+    if phases[-1][0] != final:
+        raise UserError(f"{where}: the last phase is {phases[-1][0]} tokens; it must be --seq-len ({final})")
+    out, end = [], 0.0
+    for n, f in phases:
+        end += f
+        out.append((n, end))
+    out[-1] = (out[-1][0], 1.0)
+    return out

@@ -6,6 +6,7 @@ content (the inputs' bytes, the tokenizer's hash, the reading settings), in the 
     <cache>/data/<key>/train.bin    flat token stream, uint16 (vocab <= 65,535) or uint32; every document
     <cache>/data/<key>/valid.bin    is followed by [SEP], so packed sequences see document boundaries
     <cache>/data/<key>/train.idx    int64 document start offsets into the stream (n_docs + 1 of them)
+    <cache>/data/<key>/train.sent   int64 sentence start offsets (for next-sentence and sentence-order pairs)
     <cache>/data/<key>/meta.json    tokenizer hash, vocab size, dtype, counts
 
 The stream does not depend on the sequence length, so one preparation serves every length (and a
@@ -33,7 +34,7 @@ from .config import DataConfig
 from .errors import UserError
 from .tokenizer import SpecialIds, Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _BATCH_CHARS = 4 << 20  # text handed to the tokenizer at once
 
 
@@ -59,6 +60,7 @@ class Split:
 
     tokens: np.ndarray  # (n_tokens,) uint16/uint32
     doc_offsets: np.ndarray  # (n_docs + 1,) int64
+    sentences: np.ndarray | None = None  # (n_sentences,) int64 start offsets, ascending
 
     @property
     def num_tokens(self) -> int:
@@ -156,21 +158,31 @@ class _SplitWriter:
     def __init__(self, path: Path, dtype: np.dtype, sep_id: int):
         self.path, self.dtype, self.sep_id = path, dtype, sep_id
         self.file = open(path, "wb")
+        self.sent_file = open(path.with_suffix(".sent"), "wb")
         self.num_tokens = 0
         self.offsets = [0]
         self.max_id = -1
 
-    def add(self, ids: list[int], final: bool) -> None:
-        arr = np.asarray(ids + [self.sep_id] if final else ids, dtype=np.int64)
+    def add(self, sentences: list[list[int]], final: bool) -> None:
+        """Append a piece of a document, as token ids per sentence; `final` closes the document with [SEP]."""
+        starts, pos = [], self.num_tokens
+        for ids in sentences:
+            if ids:
+                starts.append(pos)
+                pos += len(ids)
+        flat = [i for ids in sentences for i in ids]
+        arr = np.asarray(flat + [self.sep_id] if final else flat, dtype=np.int64)
         if arr.size:
             self.max_id = max(self.max_id, int(arr.max()))
             arr.astype(self.dtype).tofile(self.file)
             self.num_tokens += arr.size
+        np.asarray(starts, dtype=np.int64).tofile(self.sent_file)
         if final:
             self.offsets.append(self.num_tokens)
 
     def close(self) -> None:
         self.file.close()
+        self.sent_file.close()
 
 
 def _load_split(folder: Path, name: str, dtype: np.dtype) -> Split:
@@ -178,7 +190,8 @@ def _load_split(folder: Path, name: str, dtype: np.dtype) -> Split:
     n = path.stat().st_size // dtype.itemsize
     tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
     offsets = np.fromfile(folder / f"{name}.idx", dtype=np.int64)
-    return Split(tokens, offsets)
+    sentences = np.fromfile(folder / f"{name}.sent", dtype=np.int64)
+    return Split(tokens, offsets, sentences)
 
 
 def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, log=print) -> Prepared:
@@ -257,8 +270,10 @@ def _tokenize_into(tmp: Path, pieces: Iterator[tuple[str, corpus.Piece]], tok: T
 
     def flush() -> None:
         nonlocal batch, chars
-        for (split, piece), ids in zip(batch, tok.encode_batch([p.text for _, p in batch])):
-            writers[split].add(ids, piece.final)
+        split_texts = [corpus.split_sentences(p.text) for _, p in batch]
+        encoded = iter(tok.encode_batch([t for texts in split_texts for t in texts]))
+        for (split, piece), texts in zip(batch, split_texts):
+            writers[split].add([next(encoded) for _ in texts], piece.final)
         batch, chars = [], 0
 
     try:
@@ -329,6 +344,13 @@ def _hold_out_tail(tmp: Path, train: _SplitWriter, valid: _SplitWriter, fraction
             np.asarray(stream[start:min(train.num_tokens, start + (1 << 24))]).tofile(f)
     del stream
     os.truncate(tmp / "train.bin", cut * dtype.itemsize)
+    sent = np.fromfile(tmp / "train.sent", dtype=np.int64)  # one int per sentence: small next to the stream
+    keep = int(np.searchsorted(sent, cut))
+    moved = sent[keep:] - cut
+    if not len(moved) or moved[0] != 0:
+        moved = np.concatenate([[0], moved])  # the held-out stream starts a sentence
+    moved.astype(np.int64).tofile(tmp / "valid.sent")
+    sent[:keep].tofile(tmp / "train.sent")
     valid.num_tokens = train.num_tokens - cut
     valid.offsets = [0, valid.num_tokens]
     train.num_tokens = cut
@@ -377,15 +399,17 @@ class PackedSequences:
 
 
 class EpochSampler:
-    """Sequence indices in a fresh permutation per epoch; the state is one integer, `position`."""
+    """Sequence indices in a fresh permutation per epoch; the state is one integer, `position`.
+    `stream` separates independent orders drawn from one seed (the phases of a sequence-length schedule)."""
 
-    def __init__(self, n: int, seed: int, position: int = 0):
-        self.n, self.seed, self.position = n, seed, position
+    def __init__(self, n: int, seed: int, position: int = 0, stream: int = 0):
+        self.n, self.seed, self.position, self.stream = n, seed, position, stream
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            key = [self.seed, epoch] if self.stream == 0 else [self.seed, self.stream, epoch]
+            self._epoch, self._perm = epoch, np.random.default_rng(key).permutation(self.n)
         return self._perm
 
     def take(self, k: int) -> np.ndarray:
@@ -405,20 +429,212 @@ class EpochSampler:
         return self.position / self.n
 
 
+@dataclass
+class Batch:
+    """A training batch. input_ids (B, T) int64; for sentence pairs also token types, an attention mask
+    (pairs can be shorter than the sequence and are padded) and the NSP / SOP labels (B,)."""
+
+    input_ids: "torch.Tensor"
+    attention_mask: "torch.Tensor | None" = None
+    token_type_ids: "torch.Tensor | None" = None
+    nsp_labels: "torch.Tensor | None" = None
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking)
+                       for t in (self.input_ids, self.attention_mask, self.token_type_ids, self.nsp_labels)))
+
+    def pin(self) -> "Batch":
+        return Batch(*(None if t is None else t.pin_memory()
+                       for t in (self.input_ids, self.attention_mask, self.token_type_ids, self.nsp_labels)))
+
+
+class PackedSource:
+    """MLM batches: packed sequences, a fresh permutation per epoch. State: sequences served (an int)."""
+
+    def __init__(self, seqs: PackedSequences, seed: int, position: int = 0, stream: int = 0):
+        self.seqs = seqs
+        self.sampler = EpochSampler(len(seqs), seed, position, stream)
+
+    def take(self, k: int) -> dict[str, np.ndarray]:
+        ids, _ = self.seqs.get(self.sampler.take(k))
+        return {"input_ids": ids}
+
+    @property
+    def position(self) -> int:
+        return self.sampler.position
+
+    @property
+    def epoch(self) -> float:
+        return self.sampler.epoch
+
+
+class PairSource:
+    """Sentence-pair batches for next-sentence prediction ('nsp') or sentence-order prediction ('sop').
+
+    Instances are built per epoch from the documents' sentences by BERT's procedure
+    (create_pretraining_data.py): segments are filled from consecutive sentences up to a target length
+    (seq_len - 3, or with probability `short_seq_prob` a shorter random target), split at a random sentence
+    into A and B. NSP: half the time B is replaced by sentences from a different document (label 1), the
+    unused sentences going back to the pool; SOP (ALBERT): B always follows A, and half the time the two are
+    swapped (label 1). Unlike BERT's script, a chunk of one long sentence is cut in two at a random token
+    when B should be the continuation, so the labels stay 50/50 (BERT's gives random B more often). A pair longer than the sequence is truncated from the end of its longer segment.
+    Sequences are `[CLS] A [SEP] B [SEP]`, token type 0 then 1, padded to seq_len (attention mask 0).
+    The instance list of an epoch is a pure function of (seed, epoch); the state is (epoch, offset).
+    """
+
+    def __init__(self, split: Split, seq_len: int, special: SpecialIds, objective: str, seed: int,
+                 position: tuple[int, int] | list[int] = (0, 0), short_seq_prob: float = 0.1, stream: int = 0):
+        if split.sentences is None:
+            raise UserError("sentence-pair objectives need data prepared with sentence offsets; re-run prepare")
+        self.split, self.seq_len, self.special, self.objective, self.seed = split, seq_len, special, objective, seed
+        self.short_seq_prob, self.stream = short_seq_prob, stream
+        self._epoch, self._offset = int(position[0]), int(position[1])
+        self._cache: tuple[int, np.ndarray] | None = None
+        if len(split.doc_offsets) - 1 < 2 and objective == "nsp":
+            raise UserError("next-sentence prediction needs at least two documents (random B comes from another one)")
+        if len(self.instances(self._epoch)) == 0:
+            raise UserError(f"no sentence pairs can be built for {objective.upper()} from this text")
+
+    def _documents(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per document: sentence start and end offsets (the document's closing [SEP] excluded)."""
+        docs, sents = self.split.doc_offsets, self.split.sentences
+        out = []
+        for d in range(len(docs) - 1):
+            lo, hi = int(docs[d]), int(docs[d + 1]) - 1  # hi: the [SEP]
+            i, j = np.searchsorted(sents, lo), np.searchsorted(sents, hi)
+            starts = sents[i:j]
+            if not len(starts) or starts[0] != lo:
+                starts = np.concatenate([[lo], starts]).astype(np.int64)
+            ends = np.append(starts[1:], hi)
+            keep = ends > starts
+            out.append((starts[keep], ends[keep]))
+        return out
+
+    def instances(self, epoch: int) -> np.ndarray:
+        """(n, 5) int64 rows: a_start, a_end, b_start, b_end, label — token ranges in the stream."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.stream, epoch, 1])
+        docs = self._documents()
+        max_tokens = self.seq_len - 3
+        rows: list[tuple[int, int, int, int, int]] = []
+        for d, (starts, ends) in enumerate(docs):
+            n = len(starts)
+            target = self._target(rng, max_tokens)
+            chunk: list[int] = []
+            length, i = 0, 0
+            while i < n:
+                chunk.append(i)
+                length += int(ends[i] - starts[i])
+                if i == n - 1 or length >= target:
+                    row = self._pair(rng, docs, d, chunk, starts, ends, target)
+                    if row is not None:
+                        rows.append(row[:5])
+                        i -= row[5]  # sentences not used go back (NSP with a random B)
+                    chunk, length = [], 0
+                    target = self._target(rng, max_tokens)
+                i += 1
+        out = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+        out = out[rng.permutation(len(out))]
+        self._cache = (epoch, out)
+        return out
+
+    def _target(self, rng, max_tokens: int) -> int:
+        return int(rng.integers(2, max_tokens + 1)) if rng.random() < self.short_seq_prob else max_tokens
+
+    def _pair(self, rng, docs, d, chunk, starts, ends, target):
+        if self.objective == "sop":
+            if len(chunk) >= 2:
+                a_end = int(rng.integers(1, len(chunk)))
+                a = (starts[chunk[0]], ends[chunk[a_end - 1]])
+                b = (starts[chunk[a_end]], ends[chunk[-1]])
+            else:  # one long sentence: cut it in two
+                lo, hi = int(starts[chunk[0]]), int(ends[chunk[0]])
+                if hi - lo < 2:
+                    return None
+                cut = int(rng.integers(lo + 1, hi))
+                a, b = (lo, cut), (cut, hi)
+            if rng.random() < 0.5:
+                return (*b, *a, 1, 0)
+            return (*a, *b, 0, 0)
+        lo, hi = int(starts[chunk[0]]), int(ends[chunk[-1]])
+        if rng.random() >= 0.5 and (len(chunk) >= 2 or hi - lo >= 2):  # B is the actual continuation
+            if len(chunk) >= 2:
+                a_end = int(rng.integers(1, len(chunk)))
+                return (lo, int(ends[chunk[a_end - 1]]), int(starts[chunk[a_end]]), hi, 0, 0)
+            cut = int(rng.integers(lo + 1, hi))  # one long sentence: its two halves
+            return (lo, cut, cut, hi, 0, 0)
+        a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+        a = (starts[chunk[0]], ends[chunk[a_end - 1]])
+        # Random next: B from another document, filled up to the remaining target length; the chunk's
+        # unused sentences go back to the pool.
+        other = int(rng.integers(len(docs) - 1))
+        other += other >= d
+        o_starts, o_ends = docs[other]
+        if not len(o_starts):
+            return None
+        j = int(rng.integers(len(o_starts)))
+        need = max(1, target - int(a[1] - a[0]))
+        k = j
+        while k < len(o_starts) - 1 and o_ends[k] - o_starts[j] < need:
+            k += 1
+        return (*a, int(o_starts[j]), int(o_ends[k]), 1, len(chunk) - a_end)
+
+    def take(self, k: int) -> dict[str, np.ndarray]:
+        rows = []
+        while len(rows) < k:
+            inst = self.instances(self._epoch)
+            if self._offset >= len(inst):
+                self._epoch, self._offset = self._epoch + 1, 0
+                continue
+            m = min(k - len(rows), len(inst) - self._offset)
+            rows.extend(inst[self._offset:self._offset + m])
+            self._offset += m
+        return self.build(np.asarray(rows))
+
+    def build(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Sequences for instance rows: [CLS] A [SEP] B [SEP], padded."""
+        B, T, sp = len(rows), self.seq_len, self.special
+        ids = np.full((B, T), sp.pad, dtype=np.int64)
+        types = np.zeros((B, T), dtype=np.int64)
+        mask = np.zeros((B, T), dtype=np.int64)
+        for r, (a0, a1, b0, b1, _) in enumerate(rows):
+            la, lb = int(a1 - a0), int(b1 - b0)
+            while la + lb > T - 3:  # truncate the longer segment from its end
+                if la >= lb:
+                    la -= 1
+                else:
+                    lb -= 1
+            seq = np.concatenate([[sp.cls], self.split.tokens[a0:a0 + la], [sp.sep], self.split.tokens[b0:b0 + lb], [sp.sep]])
+            ids[r, :len(seq)] = seq
+            types[r, la + 2:len(seq)] = 1
+            mask[r, :len(seq)] = 1
+        return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
+                "nsp_labels": rows[:, 4].astype(np.int64)}
+
+    @property
+    def position(self) -> list[int]:
+        return [self._epoch, self._offset]
+
+    @property
+    def epoch(self) -> float:
+        return self._epoch + self._offset / max(1, len(self.instances(self._epoch)))
+
+
 class BatchLoader:
     """Training batches cut from the memory-mapped stream in a background thread, `prefetch` batches ahead
     (pinned for fast copies when the model is on a GPU), so the step never waits for data.
 
-    Deterministic: the batches are exactly the sampler's, in order. Each item comes with the sampler's
+    Deterministic: the batches are exactly the source's, in order. Each item comes with the source's
     position after it, which is what a checkpoint must store (not the position of prefetched batches).
     """
 
-    def __init__(self, seqs: PackedSequences, sampler: EpochSampler, batch_size: int, *, pin: bool = False,
+    def __init__(self, source: "PackedSource | PairSource", batch_size: int, *, pin: bool = False,
                  prefetch: int = 2, max_id: int | None = None):
         import queue
         import threading
 
-        self.seqs, self.sampler, self.batch_size, self.pin, self.max_id = seqs, sampler, batch_size, pin, max_id
+        self.source, self.batch_size, self.pin, self.max_id = source, batch_size, pin, max_id
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="maskedlm-loader", daemon=True)
@@ -429,14 +645,15 @@ class BatchLoader:
 
         try:
             while not self._stop.is_set():
-                ids, _ = self.seqs.get(self.sampler.take(self.batch_size))
+                arrays = self.source.take(self.batch_size)
+                ids = arrays["input_ids"]
                 if self.max_id is not None and ids.max() >= self.max_id:  # before any embedding lookup
                     raise UserError(f"training data holds token id {int(ids.max())}, outside the model's "
                                     f"vocabulary of {self.max_id}: the prepared data does not match the model")
-                t = torch.from_numpy(ids)
+                batch = Batch(**{k: torch.from_numpy(v) for k, v in arrays.items()})
                 if self.pin:
-                    t = t.pin_memory()
-                self._put((t, self.sampler.position))
+                    batch = batch.pin()
+                self._put((batch, self.source.position))
         except BaseException as e:  # hand the error to the consumer instead of dying silently
             self._put(e)
 
@@ -450,8 +667,8 @@ class BatchLoader:
             except queue.Full:
                 continue
 
-    def next(self):
-        """(ids (B, T) int64 tensor, sampler position after this batch)."""
+    def next(self) -> "tuple[Batch, int | list[int]]":
+        """(the next Batch, the source's position after it)."""
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import load, read_config
 from .config import MaskConfig
-from .data import PackedSequences, prepare, prepare_eval
+from .data import PackedSequences, PairSource, prepare, prepare_eval
 from .masking import MaskSpec
 from .runtime import autocast, resolve_device, resolve_precision
 from .tokenizer import Tokenizer
@@ -29,15 +29,19 @@ class EvalResult:
     perplexity: float  # exp(loss)
     predicted: int  # positions predicted
     sequences: int
+    nsp_accuracy: float | None = None  # next-sentence / sentence-order accuracy on held-out pairs
+    nsp_loss: float | None = None
+    pairs: int = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None and not (k == "pairs" and v == 0)}
 
 
 class Evaluator:
     """Fixed masked batches from held-out sequences, evaluated on demand."""
 
-    def __init__(self, seqs: PackedSequences, tokenizer: Tokenizer, mask: MaskConfig, max_sequences: int, seed: int):
+    def __init__(self, seqs: PackedSequences, tokenizer: Tokenizer, mask: MaskConfig, max_sequences: int, seed: int,
+                 pairs: PairSource | None = None):
         gen = torch.Generator().manual_seed(seed)
         spec = MaskSpec.from_tokenizer(tokenizer, mask)
         n = min(len(seqs), max_sequences)
@@ -47,6 +51,15 @@ class Evaluator:
             inputs, labels = spec(torch.from_numpy(ids), gen)
             self.batches.append((inputs, labels, None if attn is None else torch.from_numpy(attn)))
         self.sequences = n
+        # Held-out sentence pairs (masked as in training) for next-sentence / sentence-order accuracy.
+        self.pair_batches = []
+        if pairs is not None:
+            rows = pairs.instances(0)[:max_sequences]
+            for start in range(0, len(rows), EVAL_BATCH):
+                b = {k: torch.from_numpy(v) for k, v in pairs.build(rows[start:start + EVAL_BATCH]).items()}
+                b["input_ids"], _ = spec(b["input_ids"], gen)
+                self.pair_batches.append(b)
+            self.pairs = len(rows)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> EvalResult:
@@ -62,10 +75,21 @@ class Evaluator:
             loss_sum += out.loss_sum.double()
             count += out.num_predicted
             correct += out.correct
-        model.train(was_training)
         n = max(int(count), 1)
         loss = float(loss_sum) / n
-        return EvalResult(loss, int(correct) / n, math.exp(min(loss, 700.0)), int(count), self.sequences)
+        result = EvalResult(loss, int(correct) / n, math.exp(min(loss, 700.0)), int(count), self.sequences)
+        if self.pair_batches:
+            nsp_sum, nsp_correct = 0.0, 0
+            for b in self.pair_batches:
+                with autocast(device, amp_dtype):
+                    out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                                token_type_ids=b["token_type_ids"].to(device), nsp=True)
+                logits, target = out.nsp_logits.float(), b["nsp_labels"].to(device)
+                nsp_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+                nsp_correct += int((logits.argmax(-1) == target).sum())
+            result.nsp_loss, result.nsp_accuracy, result.pairs = nsp_sum / self.pairs, nsp_correct / self.pairs, self.pairs
+        model.train(was_training)
+        return result
 
 
 def evaluate_run(run: str | Path, valid: list[str] | None = None, device: str = "auto",
@@ -79,5 +103,8 @@ def evaluate_run(run: str | Path, valid: list[str] | None = None, device: str = 
     else:
         split = prepare(cfg.data, tokenizer=tokenizer, log=log).valid
     seqs = PackedSequences(split, cfg.data.seq_len, tokenizer.special, pad_last=True, what="held-out")
-    evaluator = Evaluator(seqs, tokenizer, cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed)
+    pair_objective = {"mlm+nsp": "nsp", "mlm+sop": "sop"}.get(cfg.train.objective)
+    pairs = (PairSource(split, cfg.data.seq_len, tokenizer.special, pair_objective, cfg.train.eval_seed,
+                        short_seq_prob=cfg.data.short_seq_prob) if pair_objective else None)
+    evaluator = Evaluator(seqs, tokenizer, cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed, pairs=pairs)
     return evaluator(model, dev, resolve_precision(precision, dev))

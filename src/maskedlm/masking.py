@@ -14,8 +14,9 @@ generator's state, which a checkpoint can store. Inputs are never modified. Labe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +37,66 @@ def select_positions(input_ids: torch.Tensor, *, special_ids: Sequence[int], mas
     """
     u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     return (u < mask_prob) & ~special_mask(input_ids, special_ids)
+
+
+def word_starts(input_ids: torch.Tensor, *, joins: torch.Tensor, breaks: torch.Tensor,
+                special_ids: Sequence[int]) -> torch.Tensor:
+    """True where a token begins a word. (B, T) bool.
+
+    A token continues the previous token's word when it `joins` (WordPiece: a '##' piece; characters: any
+    non-space character) and the previous token neither `breaks` (characters: whitespace) nor is special.
+    joins / breaks: (V,) bool tables indexed by token id.
+    """
+    ids = input_ids.long()
+    prev = torch.nn.functional.pad(ids[..., :-1], (1, 0), value=int(special_ids[0]))
+    cont = joins[ids] & ~breaks[prev] & ~special_mask(prev, special_ids)
+    return ~cont
+
+
+def select_whole_words(input_ids: torch.Tensor, starts: torch.Tensor, *, special_ids: Sequence[int],
+                       mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Whole-word masking: each word is selected with probability `mask_prob`, all of its tokens together.
+
+    The expected fraction of selected tokens is still `mask_prob` (each token is selected exactly when its
+    word is). starts: (B, T) bool from `word_starts`. Returns (B, T) bool; special tokens never selected.
+    """
+    T = input_ids.shape[-1]
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    chosen = (u < mask_prob) & starts  # decided at each word's first token
+    pos = torch.arange(T, device=input_ids.device).expand_as(starts)
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(-1).values  # index of each token's word start
+    return chosen.gather(-1, first) & ~special_mask(input_ids, special_ids)
+
+
+def span_length_probs(p: float, max_len: int) -> torch.Tensor:
+    """SpanBERT's span lengths: Geometric(p) clipped to 1..max_len (renormalised). (max_len,) float64."""
+    k = torch.arange(1, max_len + 1, dtype=torch.float64)
+    probs = p * (1 - p) ** (k - 1)
+    return probs / probs.sum()
+
+
+def select_spans(input_ids: torch.Tensor, *, special_ids: Sequence[int], mask_prob: float, p: float = 0.2,
+                 max_len: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Span masking (SpanBERT): contiguous spans with Geometric(p) lengths clipped at `max_len`.
+
+    Spans start at each maskable token with rate q = -ln(1 - mask_prob) / E[length], so that with
+    independent, possibly overlapping spans a token stays uncovered with probability ~exp(-q E[L]) =
+    1 - mask_prob: the expected fraction of selected tokens is ~mask_prob, as for token masking.
+    Vectorised over the batch; the only loop is over span offsets (max_len of them).
+    """
+    probs = span_length_probs(p, max_len)
+    mean = float((probs * torch.arange(1, max_len + 1, dtype=torch.float64)).sum())
+    q = -math.log(1 - mask_prob) / mean
+    maskable = ~special_mask(input_ids, special_ids)
+    starts = (torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < q) & maskable
+    cdf = probs.cumsum(0).to(torch.float32).to(input_ids.device)
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    lengths = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=max_len - 1) + 1  # (B, T) in 1..max_len
+    covered = torch.zeros_like(starts)
+    T = input_ids.shape[-1]
+    for d in range(min(max_len, T)):
+        covered[..., d:] |= (starts & (lengths > d))[..., : T - d]
+    return covered & maskable
 
 
 def random_tokens(shape: torch.Size | tuple[int, ...], *, vocab_size: int, special_ids: Sequence[int],
@@ -88,7 +149,12 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """The arguments of `mask_tokens` that are fixed for a run (the tokenizer's ids and the mask config)."""
+    """The arguments of masking that are fixed for a run (the tokenizer's ids and the mask config).
+
+    strategy: 'token' (BERT), 'whole_word' or 'span' (SpanBERT); each selects ~mask_prob of the tokens and
+    then applies the same 80/10/10 rule. Whole-word masking needs `joins` / `breaks` tables (see
+    `word_starts`).
+    """
 
     mask_token_id: int
     vocab_size: int
@@ -96,12 +162,37 @@ class MaskSpec:
     mask_prob: float = 0.15
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1
+    strategy: str = "token"
+    span_p: float = 0.2
+    span_max: int = 10
+    joins: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    breaks: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, mask_config) -> "MaskSpec":
         """From a `Tokenizer` and a `MaskConfig`."""
+        joins = breaks = None
+        if mask_config.strategy == "whole_word":
+            joins, breaks = tokenizer.word_tables()
         return cls(tokenizer.special.mask, tokenizer.vocab_size, tokenizer.special.all(), mask_config.mask_prob,
-                   mask_config.mask_token_frac, mask_config.random_token_frac)
+                   mask_config.mask_token_frac, mask_config.random_token_frac, mask_config.strategy,
+                   mask_config.span_p, mask_config.span_max, joins, breaks)
+
+    def select(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The positions to predict, (B, T) bool."""
+        if self.strategy == "whole_word":
+            dev = input_ids.device
+            starts = word_starts(input_ids, joins=self.joins.to(dev), breaks=self.breaks.to(dev),
+                                 special_ids=self.special_ids)
+            return select_whole_words(input_ids, starts, special_ids=self.special_ids, mask_prob=self.mask_prob,
+                                      generator=generator)
+        if self.strategy == "span":
+            return select_spans(input_ids, special_ids=self.special_ids, mask_prob=self.mask_prob, p=self.span_p,
+                                max_len=self.span_max, generator=generator)
+        return select_positions(input_ids, special_ids=self.special_ids, mask_prob=self.mask_prob, generator=generator)
 
     def __call__(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return mask_tokens(input_ids, generator=generator, **asdict(self))
+        selected = self.select(input_ids, generator)
+        return apply_mask(input_ids, selected, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                          special_ids=self.special_ids, mask_token_frac=self.mask_token_frac,
+                          random_token_frac=self.random_token_frac, generator=generator)

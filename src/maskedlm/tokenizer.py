@@ -159,6 +159,29 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    def word_tables(self):
+        """(joins, breaks): (V,) bool tensors for whole-word masking (see masking.word_starts).
+
+        WordPiece: '##' pieces join the previous token. Characters: non-space characters join, whitespace
+        breaks. Other tokenizers cannot say where words start from their tokens alone."""
+        import torch
+
+        vocab = self.hf.get_vocab(with_added_tokens=True)
+        joins = torch.zeros(self.vocab_size, dtype=torch.bool)
+        breaks = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if self.kind == "wordpiece":
+            for tok, i in vocab.items():
+                joins[i] = tok.startswith("##")
+        elif self.kind == "wordlevel":
+            special = set(SPECIAL_TOKENS)
+            for tok, i in vocab.items():
+                if tok not in special:
+                    breaks[i] = tok.isspace()
+                    joins[i] = not tok.isspace()
+        else:
+            raise UserError(f"whole-word masking needs a WordPiece or character tokenizer, not {self.kind!r}")
+        return joins, breaks
+
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json (and vocab.txt for WordPiece, as BERT tooling expects)."""
         folder = Path(folder)

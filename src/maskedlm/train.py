@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, MaskConfig, TrainConfig
-from .data import BatchLoader, EpochSampler, PackedSequences, prepare
+from .data import Batch, BatchLoader, PackedSequences, PackedSource, PairSource, prepare
 from .errors import UserError
 from .evaluate import EvalResult, Evaluator
 from .flops import matmul_peak, train_flops
@@ -43,7 +43,8 @@ class TrainState:
     step: int = 0
     tokens: int = 0  # training tokens consumed
     elapsed: float = 0.0  # seconds spent training (evaluations excluded)
-    data_position: int = 0  # sequences served by the sampler
+    data_position: int | list[int] | None = 0  # the data source's position in its phase (see data.py)
+    phase: int = 0  # index in the sequence-length schedule
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
 
 
@@ -86,11 +87,14 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
 class StepStats:
     """Tensors on the training device (reading them syncs; the loop reads them only when it logs)."""
 
-    loss_sum: torch.Tensor
+    loss_sum: torch.Tensor  # summed MLM cross-entropy
     predicted: torch.Tensor
     correct: torch.Tensor
     grad_norm: torch.Tensor
     skipped: bool = False  # the loss or gradient was not finite: no update was made
+    nsp_loss_sum: torch.Tensor | None = None  # summed NSP / SOP cross-entropy over the batch's sequences
+    nsp_correct: torch.Tensor | None = None
+    sequences: int = 0
 
 
 class TrainStep:
@@ -131,36 +135,61 @@ class TrainStep:
             p.grad = None
         return time.perf_counter() - t0
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed MLM loss and correct count of one micro-batch, on the compute copy."""
-        return self.compute.mlm_loss(self.encoder(inputs), labels)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One micro-batch on the compute copy: (summed MLM loss, correct count, hidden states)."""
+        hidden = self.encoder(inputs, attention_mask, token_type_ids)
+        loss, correct = self.compute.mlm_loss(hidden, labels)
+        return loss, correct, hidden
 
-    def __call__(self, ids: torch.Tensor, lr: float | None = None) -> StepStats:
+    def __call__(self, batch: Batch | torch.Tensor, lr: float | None = None) -> StepStats:
+        if isinstance(batch, torch.Tensor):
+            batch = Batch(batch)
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.compute.train(self.model.training)
-        inputs, labels = self.mask(ids, self.generator)  # (B, T) each
+        inputs, labels = self.mask(batch.input_ids, self.generator)  # (B, T) each
+        n_seq = inputs.shape[0]
         n_pred = (labels != -100).sum().clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for i, (inp, lab) in enumerate(zip(inputs.chunk(self.grad_accum), labels.chunk(self.grad_accum))):
-            out_loss, out_correct = self.forward(inp, lab)
-            (out_loss / n_pred).backward()
+        nsp = batch.nsp_labels is not None
+        nsp_sum = torch.zeros((), device=self.device) if nsp else None
+        nsp_correct = torch.zeros((), dtype=torch.long, device=self.device) if nsp else None
+
+        def part(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return None if t is None else t.chunk(self.grad_accum)[i]
+
+        for i in range(self.grad_accum):
+            out_loss, out_correct, hidden = self.forward(part(inputs, i), part(labels, i),
+                                                         part(batch.attention_mask, i), part(batch.token_type_ids, i))
+            loss = out_loss / n_pred
+            if nsp:
+                logits = self.compute.nsp(self.compute.bert.pool(hidden)).float()  # (b, 2)
+                targets = part(batch.nsp_labels, i)
+                s = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+                loss = loss + s / n_seq  # both means are over the whole step's counts
+                nsp_sum += s.detach()
+                nsp_correct += (logits.argmax(-1) == targets).sum()
+            loss.backward()
             self._accumulate_grads(first=i == 0)
             loss_sum += out_loss.detach().float()
             correct += out_correct
         clip = self.clip_grad if self.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         # A non-finite loss or gradient skips the update (weights and optimizer state stay as they were).
-        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        if nsp:
+            finite &= torch.isfinite(nsp_sum)
+        finite = bool(finite)
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if finite and self.compute is not self.model:
             with torch.no_grad():
                 torch._foreach_copy_(self.compute_params, self.params)
-        return StepStats(loss_sum, n_pred, correct, grad_norm, skipped=not finite)
+        return StepStats(loss_sum, n_pred, correct, grad_norm, not finite, nsp_sum, nsp_correct, n_seq)
 
     def _accumulate_grads(self, first: bool) -> None:
         """Move the compute copy's (bf16) gradients into the fp32 master gradients, summing in fp32."""
@@ -341,9 +370,26 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
     if cfg.data.seq_len > cfg.model.max_position:
         raise UserError(f"--seq-len {cfg.data.seq_len} exceeds the model's {cfg.model.max_position} positions")
     seq_len = cfg.data.seq_len
-    train_seqs = PackedSequences(data.train, seq_len, tok.special)
+    phases = cfg.seq_len_phases()  # [(length, end of phase in progress)]
+    pair_objective = {"mlm": None, "mlm+nsp": "nsp", "mlm+sop": "sop"}[t.objective]
+
+    def phase_batch(length: int) -> int:
+        """Sequences per step in a phase: the same number of tokens as at the final length, if asked."""
+        if not t.schedule_keep_tokens or length == seq_len:
+            return t.batch_size
+        return max(t.grad_accum, round(t.batch_size * seq_len / length / t.grad_accum) * t.grad_accum)
+
+    def make_source(phase: int, position):
+        length = phases[phase][0]
+        if pair_objective:
+            return PairSource(data.train, length, tok.special, pair_objective, t.seed, position or (0, 0),
+                              cfg.data.short_seq_prob, stream=phase)
+        return PackedSource(PackedSequences(data.train, length, tok.special), t.seed, position or 0, stream=phase)
+
     valid_seqs = PackedSequences(data.valid, seq_len, tok.special, pad_last=True, what="held-out")
-    evaluator = Evaluator(valid_seqs, tok, cfg.mask, t.eval_sequences, t.eval_seed)
+    valid_pairs = (PairSource(data.valid, seq_len, tok.special, pair_objective, t.eval_seed,
+                              short_seq_prob=cfg.data.short_seq_prob) if pair_objective else None)
+    evaluator = Evaluator(valid_seqs, tok, cfg.mask, t.eval_sequences, t.eval_seed, pairs=valid_pairs)
 
     torch.manual_seed(t.seed)
     model = BertForPreTraining(cfg.model)
@@ -359,8 +405,18 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
         checkpoint.restore_optimizer(opt, ckpt)
         state = TrainState(**ckpt.state["train_state"])
         _rng_restore(ckpt.rng, ckpt.state["rng"], mask_gen)
-    loader = BatchLoader(train_seqs, EpochSampler(len(train_seqs), t.seed, position=state.data_position),
-                         t.batch_size, pin=device.type == "cuda", max_id=cfg.model.vocab_size)
+    def phase_at(p: float) -> int:
+        return next(i for i, (_, end) in enumerate(phases) if p < end or i == len(phases) - 1)
+
+    def open_loader(phase: int, position) -> BatchLoader:
+        return BatchLoader(make_source(phase, position), phase_batch(phases[phase][0]), pin=device.type == "cuda",
+                           max_id=cfg.model.vocab_size)
+
+    phase = phase_at(progress(state, t))
+    loader = open_loader(phase, state.data_position if phase == state.phase else None)
+    state.phase = phase
+    train_sequences = len(PackedSequences(data.train, seq_len, tok.special)) if not pair_objective else len(
+        loader.source.instances(0))
 
     checkpoint.save_config(cfg, run_dir / checkpoint.CONFIG)
     tok.save(run_dir)
@@ -395,17 +451,20 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
     log(f"model: {cfg.model.preset or 'custom'} ({cfg.model.num_layers}L/{cfg.model.hidden_size}H, "
         f"{model.num_parameters() / 1e6:.1f}M parameters), vocab {cfg.model.vocab_size}, seq {seq_len}, "
         f"batch {t.batch_size}, on {device} ({'bf16 mixed precision' if amp_dtype else 'fp32'}); "
-        f"{len(train_seqs):,} training sequences; stop at {stop}; run folder {run_dir}")
+        f"{train_sequences:,} training {'pairs' if pair_objective else 'sequences'}"
+        + (f" (length schedule {t.seq_len_schedule})" if t.seq_len_schedule else "")
+        + (f"; objective {t.objective}" if pair_objective else "") + f"; stop at {stop}; run folder {run_dir}")
 
     step_fn = TrainStep(model, opt, MaskSpec.from_tokenizer(tok, cfg.mask), mask_gen, grad_accum=t.grad_accum,
                         clip_grad=t.clip_grad, amp_dtype=amp_dtype, compile=t.compile)
     if t.compile:
-        log(f"compiled the encoder in {step_fn.compile_now(t.batch_size, seq_len):.1f}s (not counted as training time)")
+        secs = sum(step_fn.compile_now(phase_batch(length), length) for length, _ in phases)
+        log(f"compiled the encoder in {secs:.1f}s (not counted as training time)")
     # MFU against this machine's measured matmul peak in the training precision (maskedlm/flops.py).
     peak = matmul_peak(device.type, amp_dtype or torch.float32)
     bar = _Progress(progress_bar)
-    tokens_per_step = t.batch_size * seq_len
-    window = dict.fromkeys(["loss_sum", "predicted", "correct", "steps", "time", "data_time"], 0.0)
+    window = dict.fromkeys(["loss_sum", "predicted", "correct", "steps", "time", "data_time", "tokens", "flops",
+                            "nsp_sum", "nsp_correct", "sequences"], 0.0)
     last_eval: EvalResult | None = None
     last_save_time = time.time()
     nonfinite_run = 0
@@ -414,13 +473,20 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
     try:
         while progress(state, t) < 1.0 and flag["signal"] is None:
             t0 = time.perf_counter()
-            lr = t.lr * lr_factor(progress(state, t, ahead=1), t)
-            ids, position = loader.next()
+            p_next = progress(state, t, ahead=1)
+            if (new_phase := phase_at(progress(state, t))) != state.phase:  # the next length of the curriculum
+                loader.close()
+                loader = open_loader(new_phase, None)
+                state.phase, state.data_position = new_phase, None
+                log(f"step {state.step}: sequence length {phases[new_phase][0]}, batch {loader.batch_size}")
+            lr = t.lr * lr_factor(p_next, t)
+            batch, position = loader.next()
             t_data = time.perf_counter() - t0
-            stats = step_fn(ids.to(device, non_blocking=True), lr)
+            stats = step_fn(batch.to(device, non_blocking=True), lr)
 
+            step_tokens = batch.input_ids.numel()
             state.step += 1
-            state.tokens += tokens_per_step
+            state.tokens += step_tokens
             state.data_position = position
             state.elapsed += time.perf_counter() - t0
             if stats.skipped:
@@ -439,19 +505,28 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
             window["steps"] += 1
             window["time"] += time.perf_counter() - t0
             window["data_time"] += t_data
+            window["tokens"] += step_tokens
+            window["flops"] += train_flops(cfg.model, batch.input_ids.shape[0], batch.input_ids.shape[1], int(stats.predicted))
+            if stats.nsp_loss_sum is not None:
+                window["nsp_sum"] += float(stats.nsp_loss_sum)
+                window["nsp_correct"] += int(stats.nsp_correct)
+                window["sequences"] += stats.sequences
 
             done = progress(state, t) >= 1.0
             if state.step % t.log_every == 0 or done:
                 n = max(window["steps"], 1)
                 loss = window["loss_sum"] / max(window["predicted"], 1)
-                tps = window["steps"] * tokens_per_step / max(window["time"], 1e-9)
-                flops = train_flops(cfg.model, t.batch_size, seq_len, window["predicted"] / n)
-                mfu = flops * window["steps"] / max(window["time"], 1e-9) / peak
-                record({"step": state.step, "loss": loss, "accuracy": window["correct"] / max(window["predicted"], 1),
-                        "lr": lr, "grad_norm": float(stats.grad_norm), "tokens_per_s": tps, "mfu": mfu,
-                        "elapsed": state.elapsed, "tokens": state.tokens, "epoch": position / len(train_seqs),
-                        "step_ms": 1e3 * window["time"] / n, "data_ms": 1e3 * window["data_time"] / n,
-                        "skipped_steps": state.skipped_steps})
+                tps = window["tokens"] / max(window["time"], 1e-9)
+                mfu = window["flops"] / max(window["time"], 1e-9) / peak
+                entry = {"step": state.step, "loss": loss, "accuracy": window["correct"] / max(window["predicted"], 1),
+                         "lr": lr, "grad_norm": float(stats.grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                         "elapsed": state.elapsed, "tokens": state.tokens, "epoch": loader.source.epoch,
+                         "seq_len": batch.input_ids.shape[1], "step_ms": 1e3 * window["time"] / n,
+                         "data_ms": 1e3 * window["data_time"] / n, "skipped_steps": state.skipped_steps}
+                if window["sequences"]:
+                    entry["nsp_loss"] = window["nsp_sum"] / window["sequences"]
+                    entry["nsp_accuracy"] = window["nsp_correct"] / window["sequences"]
+                record(entry)
                 p = progress(state, t)
                 eta = state.elapsed * (1 - p) / max(p, 1e-9)
                 bar.update(p, f"step {state.step} loss {loss:.3f} {tps / 1e3:.1f}k tok/s MFU {mfu:.0%} ETA {eta:.0f}s")
@@ -483,7 +558,7 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
         last_eval = evaluator(model, device, amp_dtype)
     save(final=True)
     checkpoint.save_weights(model, run_dir / checkpoint.WEIGHTS)
-    export_model(model, tok, run_dir / "hf", nsp=False,
+    export_model(model, tok, run_dir / "hf", nsp=pair_objective is not None,
                  lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
     checkpoint.atomic_write_text(run_dir / "eval.json", json.dumps(
         {"step": state.step, **last_eval.as_dict(), "train_state": asdict(state)}, indent=2) + "\n")
