@@ -70,7 +70,7 @@ def check_correctness(device: torch.device, vocab: int = 30522, preset: str = "m
         cpu_opt.zero_grad()
         # The GPU side runs the real step's forward (bf16 copy, fused loss), then the real update.
         with torch.no_grad():
-            gl, _, _ = gpu_step.forward(inputs.to(device), labels.to(device))
+            gl = gpu_step.forward(inputs.to(device), labels.to(device)).loss_sum
             gpu_loss = gl / (labels != -100).sum()
         gpu_step.mask = lambda ids, gen, _i=inputs, _l=labels: (_i.to(device), _l.to(device))
         gpu_step(inputs.to(device))

@@ -33,7 +33,7 @@ import maskedlm.model as model_mod  # noqa: E402
 from maskedlm.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from maskedlm.flops import matmul_peak, train_flops  # noqa: E402
 from maskedlm.masking import IGNORE_INDEX, MaskSpec  # noqa: E402
-from maskedlm.model import BertForPreTraining  # noqa: E402
+from maskedlm.model import BertForPreTraining, Output  # noqa: E402
 from maskedlm.runtime import autocast  # noqa: E402
 from maskedlm.train import TrainStep, make_optimizer, param_groups  # noqa: E402
 
@@ -56,32 +56,33 @@ def sync(device: torch.device) -> None:
 class DenseHeadStep(TrainStep):
     """Ablation: the MLM head on every position, then cross-entropy with ignore_index (the plain dense path)."""
 
-    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None):
+    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None, nsp=False):
         hidden = self.encoder(inputs, attention_mask, token_type_ids)
         logits = self.compute.mlm(hidden, self.compute.bert.embeddings.word.weight)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         keep = labels != IGNORE_INDEX
-        return loss, (logits.argmax(-1)[keep] == labels[keep]).sum(), hidden
+        return Output(hidden, None, loss, keep.sum(), (logits.argmax(-1)[keep] == labels[keep]).sum())
 
 
 class SparseUnfusedStep(TrainStep):
     """Ablation: the head on the predicted positions only, but logits -> float -> cross_entropy (not fused)."""
 
-    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None):
+    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None, nsp=False):
         hidden = self.encoder(inputs, attention_mask, token_type_ids)
         flat = labels.reshape(-1)
         keep = flat != IGNORE_INDEX
         logits = self.compute.mlm(hidden.reshape(-1, hidden.shape[-1])[keep], self.compute.bert.embeddings.word.weight)
         targets = flat[keep]
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), (logits.argmax(-1) == targets).sum(), hidden
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return Output(hidden, None, loss, keep.sum(), (logits.argmax(-1) == targets).sum())
 
 
 class AutocastStep(TrainStep):
     """Ablation: fp32 weights with bf16 autocast around forward and backward (instead of a bf16 copy)."""
 
-    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None):
+    def forward(self, inputs, labels, attention_mask=None, token_type_ids=None, nsp=False):
         with autocast(self.device, torch.bfloat16):
-            return super().forward(inputs, labels, attention_mask, token_type_ids)
+            return super().forward(inputs, labels, attention_mask, token_type_ids, nsp)
 
 
 @contextlib.contextmanager

@@ -149,7 +149,7 @@ def test_checkpoints_are_complete_rotated_and_verified(tmp_path, corpus):
     assert (root / "latest").read_text().strip() == "step-00000040"
     ck = read_checkpoint(res.run_dir)
     assert ck.state["step"] == 40 and ck.state["train_state"]["data_position"] == 40 * 8
-    assert {"python", "numpy"} <= set(ck.state["rng"]) and {"torch_cpu", "mask"} <= set(ck.rng)
+    assert {"python", "numpy"} <= set(ck.state["rng"]) and {"rank0.torch_cpu", "mask"} <= set(ck.rng)
     assert ck.optimizer and all(torch.isfinite(v).all() for v in ck.weights.values())
     # A flipped byte is found and named.
     target = root / "step-00000040" / "optimizer.safetensors"
@@ -255,12 +255,12 @@ def test_nonfinite_steps_are_skipped_then_abort_names_the_last_checkpoint(tmp_pa
     real = train_mod.TrainStep.forward
     calls = {"n": 0}
 
-    def poisoned(self, inputs, labels, *rest):
+    def poisoned(self, inputs, labels, *rest, **kw):
         calls["n"] += 1
-        loss, correct, hidden = real(self, inputs, labels, *rest)
+        out = real(self, inputs, labels, *rest, **kw)
         if calls["n"] in (5, 6) or calls["n"] >= 15:
-            loss = loss * float("nan")
-        return loss, correct, hidden
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
 
     monkeypatch.setattr(train_mod.TrainStep, "forward", poisoned)
     cfg = small_run_config(tmp_path, corpus, "n", max_steps=50, max_nonfinite=3)

@@ -100,7 +100,9 @@ class TrainConfig:
     objective: Literal["mlm", "mlm+nsp", "mlm+sop"] = _f("mlm", help="masked LM alone, or with next-sentence / sentence-order prediction on sentence pairs")
     seq_len_schedule: Optional[str] = _f(None, help="sequence-length curriculum: 'L:fraction,...' (e.g. 64:0.9,128:0.1) or 'ramp:FROM:TO[:STEP]'; ends at --seq-len")
     schedule_keep_tokens: bool = _f(True, help="under a length schedule, scale the batch so each step has the same number of tokens")
-    batch_size: int = _f(32, help="sequences per optimizer step (split over --grad-accum micro-batches)")
+    batch_size: int = _f(32, help="sequences per optimizer step, over all ranks (split over --grad-accum micro-batches)")
+    batch_ramp: Optional[str] = _f(None, help="batch-size warmup 'START:FRACTION': from START sequences to --batch-size, linearly over that fraction of the run")
+    optimizer: Literal["adamw", "lamb"] = _f("adamw", help="AdamW, or LAMB for large global batches")
     grad_accum: int = _f(1, help="micro-batches per optimizer step")
     lr: float = _f(1e-3, help="peak learning rate")
     weight_decay: float = _f(0.01, help="AdamW weight decay (not applied to biases and norms)")
@@ -129,6 +131,7 @@ class TrainConfig:
     checkpoint_minutes: float = _f(30.0, help="minutes between checkpoints (0: no time-based checkpoints)")
     keep_checkpoints: int = _f(3, help="checkpoints kept (the newest; never the one resumed from)")
     max_nonfinite: int = _f(5, help="consecutive steps with a non-finite loss or gradient (each skipped) before aborting")
+    dist_timeout: float = _f(600.0, help="seconds a rank waits for its peers before the job fails (torchrun)")
     sample: bool = _f(True, help="print held-out lines with the model's predictions at the end")
 
 
@@ -198,6 +201,8 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if t.batch_ramp is not None:
+            parse_batch_ramp(t.batch_ramp)
         phases = self.seq_len_phases()
         if max(length for length, _ in phases) > m.max_position:
             raise UserError(f"train.seq_len_schedule reaches {max(length for length, _ in phases)} tokens, more than "
@@ -341,4 +346,16 @@ def parse_seq_len_schedule(spec: str | None, final: int) -> list[tuple[int, floa
         end += f
         out.append((n, end))
     out[-1] = (out[-1][0], 1.0)
+    return out
+
+
+def parse_batch_ramp(spec: str) -> tuple[int, float]:
+    """'8:0.1' -> (8, 0.1): start at 8 sequences, reach the full batch at 10% of the run."""
+    try:
+        start, frac = spec.split(":")
+        out = int(start), float(frac)
+    except ValueError:
+        raise UserError(f"train.batch_ramp {spec!r}: expected 'START:FRACTION', e.g. 8:0.1") from None
+    if out[0] < 1 or not 0 < out[1] <= 1:
+        raise UserError(f"train.batch_ramp {spec!r}: START must be >= 1 and FRACTION in (0, 1]")
     return out

@@ -455,8 +455,11 @@ class PackedSource:
         self.seqs = seqs
         self.sampler = EpochSampler(len(seqs), seed, position, stream)
 
-    def take(self, k: int) -> dict[str, np.ndarray]:
-        ids, _ = self.seqs.get(self.sampler.take(k))
+    def take(self, k: int, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+        """The next k sequences of the global order; with shard=(rank, world), only this rank's k/world."""
+        idx = self.sampler.take(k)
+        rank, world = shard
+        ids, _ = self.seqs.get(np.array_split(idx, world)[rank])
         return {"input_ids": ids}
 
     @property
@@ -580,7 +583,8 @@ class PairSource:
             k += 1
         return (*a, int(o_starts[j]), int(o_ends[k]), 1, len(chunk) - a_end)
 
-    def take(self, k: int) -> dict[str, np.ndarray]:
+    def take(self, k: int, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+        """The next k pairs of the epoch's order; with shard=(rank, world), only this rank's k/world."""
         rows = []
         while len(rows) < k:
             inst = self.instances(self._epoch)
@@ -590,7 +594,8 @@ class PairSource:
             m = min(k - len(rows), len(inst) - self._offset)
             rows.extend(inst[self._offset:self._offset + m])
             self._offset += m
-        return self.build(np.asarray(rows))
+        rank, world = shard
+        return self.build(np.array_split(np.asarray(rows), world)[rank])
 
     def build(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Sequences for instance rows: [CLS] A [SEP] B [SEP], padded."""
@@ -630,11 +635,11 @@ class BatchLoader:
     """
 
     def __init__(self, source: "PackedSource | PairSource", batch_size: int, *, pin: bool = False,
-                 prefetch: int = 2, max_id: int | None = None):
+                 prefetch: int = 2, max_id: int | None = None, shard: tuple[int, int] = (0, 1)):
         import queue
         import threading
 
-        self.source, self.batch_size, self.pin, self.max_id = source, batch_size, pin, max_id
+        self.source, self.batch_size, self.pin, self.max_id, self.shard = source, batch_size, pin, max_id, shard
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="maskedlm-loader", daemon=True)
@@ -645,7 +650,7 @@ class BatchLoader:
 
         try:
             while not self._stop.is_set():
-                arrays = self.source.take(self.batch_size)
+                arrays = self.source.take(self.batch_size, self.shard)
                 ids = arrays["input_ids"]
                 if self.max_id is not None and ids.max() >= self.max_id:  # before any embedding lookup
                     raise UserError(f"training data holds token id {int(ids.max())}, outside the model's "

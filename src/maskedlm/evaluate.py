@@ -15,6 +15,7 @@ import torch
 from .checkpoint import load, read_config
 from .config import MaskConfig
 from .data import PackedSequences, PairSource, prepare, prepare_eval
+from .distributed import Dist
 from .masking import MaskSpec
 from .runtime import autocast, resolve_device, resolve_precision
 from .tokenizer import Tokenizer
@@ -41,7 +42,8 @@ class Evaluator:
     """Fixed masked batches from held-out sequences, evaluated on demand."""
 
     def __init__(self, seqs: PackedSequences, tokenizer: Tokenizer, mask: MaskConfig, max_sequences: int, seed: int,
-                 pairs: PairSource | None = None):
+                 pairs: PairSource | None = None, dist: Dist = Dist()):
+        self.dist = dist
         gen = torch.Generator().manual_seed(seed)
         spec = MaskSpec.from_tokenizer(tokenizer, mask)
         n = min(len(seqs), max_sequences)
@@ -65,28 +67,28 @@ class Evaluator:
     def __call__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> EvalResult:
         was_training = model.training
         model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        count = torch.zeros((), dtype=torch.long, device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        for inputs, labels, attn in self.batches:
+        # Under torchrun each rank takes every world-th batch; the sums are all-reduced.
+        rank, world = self.dist.rank, self.dist.world
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, count, correct, nsp loss, nsp correct
+        for inputs, labels, attn in self.batches[rank::world]:
             with autocast(device, amp_dtype):
                 out = model(inputs.to(device), attention_mask=None if attn is None else attn.to(device),
                             labels=labels.to(device))
-            loss_sum += out.loss_sum.double()
-            count += out.num_predicted
-            correct += out.correct
+            sums[0] += out.loss_sum.double()
+            sums[1] += out.num_predicted
+            sums[2] += out.correct
+        for b in self.pair_batches[rank::world]:
+            with autocast(device, amp_dtype):
+                out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                            token_type_ids=b["token_type_ids"].to(device), nsp=True)
+            logits, target = out.nsp_logits.float(), b["nsp_labels"].to(device)
+            sums[3] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
+            sums[4] += (logits.argmax(-1) == target).sum()
+        loss_sum, count, correct, nsp_sum, nsp_correct = self.dist.all_reduce(sums).tolist()
         n = max(int(count), 1)
-        loss = float(loss_sum) / n
+        loss = loss_sum / n
         result = EvalResult(loss, int(correct) / n, math.exp(min(loss, 700.0)), int(count), self.sequences)
         if self.pair_batches:
-            nsp_sum, nsp_correct = 0.0, 0
-            for b in self.pair_batches:
-                with autocast(device, amp_dtype):
-                    out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                                token_type_ids=b["token_type_ids"].to(device), nsp=True)
-                logits, target = out.nsp_logits.float(), b["nsp_labels"].to(device)
-                nsp_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-                nsp_correct += int((logits.argmax(-1) == target).sum())
             result.nsp_loss, result.nsp_accuracy, result.pairs = nsp_sum / self.pairs, nsp_correct / self.pairs, self.pairs
         model.train(was_training)
         return result

@@ -10,6 +10,7 @@ completes its warmup and decay.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
-from .config import Config, MaskConfig, TrainConfig
+from .config import Config, MaskConfig, TrainConfig, parse_batch_ramp
 from .data import Batch, BatchLoader, PackedSequences, PackedSource, PairSource, prepare
 from .errors import UserError
 from .evaluate import EvalResult, Evaluator
@@ -31,7 +32,10 @@ from .flops import matmul_peak, train_flops
 from .hf import export_model
 from .fill_mask import sample_view
 from .masking import MaskSpec
-from .model import BertForPreTraining
+from . import distributed
+from .distributed import Dist
+from .model import BertForPreTraining, Output
+from .optim import Lamb
 from .runtime import resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -76,11 +80,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel over all parameters) on CPU and CUDA, foreach elsewhere."""
+    """AdamW, fused (one kernel over all parameters) on CPU and CUDA, foreach elsewhere; or LAMB."""
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "lamb":
+        return Lamb(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     device = next(model.parameters()).device
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_eps, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused,
+                             foreach=None if fused else True)
+
+
+def batch_at(progress: float, full: int, ramp: str | None, unit: int) -> int:
+    """Sequences in the step at `progress`: the batch-size ramp (linear from START to `full` over FRACTION of
+    the run), rounded down to a multiple of `unit` (ranks x micro-batches), at least one unit."""
+    if not ramp:
+        return full
+    start, frac = parse_batch_ramp(ramp)
+    b = start + (full - start) * min(1.0, max(progress, 0.0) / frac) if start < full else full
+    return max(unit, int(b) // unit * unit)
 
 
 @dataclass
@@ -98,49 +115,76 @@ class StepStats:
 
 
 class TrainStep:
-    """One optimizer step on a batch of token ids: mask on the device, forward and backward over the
-    micro-batches with the loss normalised by the step's total count of predicted tokens, clip, update.
+    """One optimizer step: mask on the device, forward and backward over the micro-batches with the loss
+    normalised by the step's global count of predicted tokens (and of sequences, for NSP), clip, update.
 
     `pretrain` and the benchmarks both call this, so the benchmarks measure the real step.
 
     Mixed precision: with `amp_dtype` (bf16), forward and backward run on a bf16 copy of the model while
     `model` keeps the fp32 master weights that the optimizer updates and that checkpoints save; after each
     step the copy is refreshed. Unlike autocast, which re-casts weights and activations around every
-    operation, activations stay bf16 end to end (norms and softmaxes still accumulate in fp32), which
-    measured faster on CPU and GPU alike (BENCHMARKS.md).
+    operation, activations stay bf16 end to end (norms and softmaxes still accumulate in fp32).
 
-    With `compile`, the encoder (fixed batch and sequence shapes) is compiled; the MLM head, whose number
-    of rows varies with the mask, stays eager, so nothing recompiles from step to step.
+    Data parallelism is applied here, from outside the model: under torchrun the compute copy is wrapped in
+    DistributedDataParallel (gradients all-reduced; `no_sync` during accumulation). Each rank holds its
+    rows of the global batch; masks are drawn for the whole global batch from the shared generator and
+    each rank keeps its rows, so N ranks with batch b see exactly the masks one process with batch N*b
+    would. Losses are divided by the all-reduced global counts, so the gradient is the same too.
+
+    With `compile`, the encoder (fixed batch and sequence shapes) is compiled in place; the MLM head, whose
+    number of rows varies with the mask, stays eager, so nothing recompiles from step to step.
     """
 
     def __init__(self, model: BertForPreTraining, optimizer: torch.optim.Optimizer, mask: MaskSpec,
                  generator: torch.Generator, *, grad_accum: int = 1, clip_grad: float = 1.0,
-                 amp_dtype: torch.dtype | None = None, compile: bool = False):
+                 amp_dtype: torch.dtype | None = None, compile: bool = False, nsp: bool = False,
+                 dist: Dist = Dist()):
         self.model, self.optimizer, self.mask, self.generator = model, optimizer, mask, generator
-        self.grad_accum, self.clip_grad = grad_accum, clip_grad
+        self.grad_accum, self.clip_grad, self.dist = grad_accum, clip_grad, dist
         self.device = next(model.parameters()).device
         self.compute = copy.deepcopy(model).to(amp_dtype) if amp_dtype is not None else model
+        if not nsp:  # no gradient ever reaches these: DDP must not wait for them
+            for p in [*self.compute.bert.pooler.parameters(), *self.compute.nsp.parameters()]:
+                p.requires_grad_(False)
         self.params = list(model.parameters())
         self.compute_params = list(self.compute.parameters())
-        self.encoder = torch.compile(self.compute.bert, dynamic=False) if compile else self.compute.bert
+        if compile:
+            self.compute.bert.compile(dynamic=False)
+        self.encoder = self.compute.bert
+        self.runner: torch.nn.Module = self.compute
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.runner = DistributedDataParallel(self.compute, device_ids=[self.device.index]
+                                                  if self.device.type == "cuda" else None)
 
     def compile_now(self, batch_size: int, seq_len: int) -> float:
         """Compile the encoder before training (forward and backward on a throwaway batch), so compilation
         time is reported on its own. Weights, optimizer state and generators are left untouched.
         Returns the seconds it took."""
         t0 = time.perf_counter()
-        ids = torch.randint(0, self.mask.vocab_size, (batch_size // self.grad_accum, seq_len), device=self.device)
+        rows = batch_size // self.grad_accum // self.dist.world
+        ids = torch.randint(0, self.mask.vocab_size, (rows, seq_len), device=self.device)
         self.encoder(ids).float().sum().backward()
         for p in self.compute_params:
             p.grad = None
         return time.perf_counter() - t0
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One micro-batch on the compute copy: (summed MLM loss, correct count, hidden states)."""
-        hidden = self.encoder(inputs, attention_mask, token_type_ids)
-        loss, correct = self.compute.mlm_loss(hidden, labels)
-        return loss, correct, hidden
+                token_type_ids: torch.Tensor | None = None, nsp: bool = False) -> Output:
+        """One micro-batch through the compute copy (and DDP): summed MLM loss, correct count, NSP logits."""
+        return self.runner(inputs, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels, nsp=nsp)
+
+    def _mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for this rank's rows, equal to those one process would draw for the global batch."""
+        if not self.dist.active:
+            return self.mask(ids, self.generator)
+        rows, r = ids.shape[0], self.dist.rank
+        full = torch.full((rows * self.dist.world, ids.shape[1]), self.mask.special_ids[0], dtype=ids.dtype,
+                          device=ids.device)  # other ranks' rows: padding, never selected
+        full[r * rows:(r + 1) * rows] = ids
+        inputs, labels = self.mask(full, self.generator)
+        return inputs[r * rows:(r + 1) * rows], labels[r * rows:(r + 1) * rows]
 
     def __call__(self, batch: Batch | torch.Tensor, lr: float | None = None) -> StepStats:
         if isinstance(batch, torch.Tensor):
@@ -149,47 +193,47 @@ class TrainStep:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.compute.train(self.model.training)
-        inputs, labels = self.mask(batch.input_ids, self.generator)  # (B, T) each
-        n_seq = inputs.shape[0]
-        n_pred = (labels != -100).sum().clamp(min=1)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        world = self.dist.world
+        inputs, labels = self._mask(batch.input_ids)  # (b, T) each: this rank's rows
+        n_seq = inputs.shape[0] * world  # global
+        n_pred = self.dist.all_reduce((labels != -100).sum()).clamp(min=1)  # global
         nsp = batch.nsp_labels is not None
-        nsp_sum = torch.zeros((), device=self.device) if nsp else None
-        nsp_correct = torch.zeros((), dtype=torch.long, device=self.device) if nsp else None
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # mlm loss, correct, nsp loss, nsp correct
 
         def part(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
             return None if t is None else t.chunk(self.grad_accum)[i]
 
         for i in range(self.grad_accum):
-            out_loss, out_correct, hidden = self.forward(part(inputs, i), part(labels, i),
-                                                         part(batch.attention_mask, i), part(batch.token_type_ids, i))
-            loss = out_loss / n_pred
-            if nsp:
-                logits = self.compute.nsp(self.compute.bert.pool(hidden)).float()  # (b, 2)
-                targets = part(batch.nsp_labels, i)
-                s = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-                loss = loss + s / n_seq  # both means are over the whole step's counts
-                nsp_sum += s.detach()
-                nsp_correct += (logits.argmax(-1) == targets).sum()
-            loss.backward()
+            sync = i == self.grad_accum - 1 or not self.dist.active
+            with contextlib.nullcontext() if sync else self.runner.no_sync():
+                out = self.forward(part(inputs, i), part(labels, i), part(batch.attention_mask, i),
+                                   part(batch.token_type_ids, i), nsp=nsp)
+                loss = out.loss_sum / n_pred
+                if nsp:
+                    logits, targets = out.nsp_logits.float(), part(batch.nsp_labels, i)
+                    nsp_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+                    loss = loss + nsp_loss / n_seq  # both are means over the whole step's global counts
+                    sums[2] += nsp_loss.detach().double()
+                    sums[3] += (logits.argmax(-1) == targets).sum()
+                # DDP averages gradients over ranks; the losses above are already global means.
+                (loss * world).backward()
             self._accumulate_grads(first=i == 0)
-            loss_sum += out_loss.detach().float()
-            correct += out_correct
+            sums[0] += out.loss_sum.detach().double()
+            sums[1] += out.correct
+        self.dist.all_reduce(sums)
         clip = self.clip_grad if self.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         # A non-finite loss or gradient skips the update (weights and optimizer state stay as they were).
-        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-        if nsp:
-            finite &= torch.isfinite(nsp_sum)
-        finite = bool(finite)
+        # Every rank sees the same all-reduced values, so all of them skip together.
+        finite = bool(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if finite and self.compute is not self.model:
             with torch.no_grad():
                 torch._foreach_copy_(self.compute_params, self.params)
-        return StepStats(loss_sum, n_pred, correct, grad_norm, not finite, nsp_sum, nsp_correct, n_seq)
+        return StepStats(sums[0], n_pred, sums[1], grad_norm, not finite, sums[2] if nsp else None,
+                         sums[3] if nsp else None, n_seq)
 
     def _accumulate_grads(self, first: bool) -> None:
         """Move the compute copy's (bf16) gradients into the fp32 master gradients, summing in fp32."""
@@ -280,14 +324,19 @@ def _rng_snapshot(mask_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], d
     return tensors, plain
 
 
-def _rng_restore(tensors: dict[str, torch.Tensor], plain: dict, mask_gen: torch.Generator) -> None:
+def _rng_restore(tensors: dict[str, torch.Tensor], plain: dict, mask_gen: torch.Generator, rank: int = 0) -> None:
+    """Each rank takes back its own generator states (rank 0's when the world size changed)."""
     import random
 
     import numpy as np
 
-    torch.set_rng_state(tensors["torch_cpu"])
+    def of(r: int) -> dict[str, torch.Tensor]:
+        return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{r}.")}
+
+    states = of(rank) or of(0)
+    torch.set_rng_state(states["torch_cpu"])
     mask_gen.set_state(tensors["mask"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    cuda = [states[k] for k in sorted(k for k in states if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     py = plain["python"]
@@ -325,251 +374,332 @@ class RunResult:
 
 
 def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunResult:
-    """Pre-train a model as configured (or resume one); returns the run folder and final held-out metrics."""
-    import signal
+    """Pre-train a model as configured (or resume one); returns the run folder and final held-out metrics.
 
+    Under torchrun every rank calls this; rank 0 logs and writes the run folder."""
     cfg = cfg.resolved()
-    t = cfg.train
-    device = resolve_device(t.device)
-    amp_dtype = resolve_precision(t.precision, device)
+    device = resolve_device(cfg.train.device)
+    started_group = not torch.distributed.is_initialized()
+    d = distributed.init(device.type, cfg.train.dist_timeout)
+    try:
+        if device.type == "cuda" and d.active:
+            device = torch.device("cuda", d.local_rank)
+        run = _Run(cfg, device, d, log if d.is_main else (lambda *a, **k: None), progress_bar if d.is_main else False)
+        return run.train()
+    finally:
+        if started_group:
+            distributed.shutdown()
 
-    ckpt = checkpoint.read_checkpoint(t.resume) if t.resume else None
-    init_model = init_tok = None
-    if ckpt is not None:
-        saved = Config.from_dict(ckpt.state["config"], allow_derived=True)
-        # The shape comes from the run; only then compare what the user asked for with what it was.
-        cfg.model.vocab_size, cfg.model.pad_token_id = saved.model.vocab_size, saved.model.pad_token_id
-        diffs = resume_differences(saved, cfg)
-        if diffs and not t.allow_config_change:
-            raise UserError(f"--resume would change the run: {'; '.join(diffs)} (pass --allow-config-change to accept)")
-        run_dir = ckpt.path.parent.parent
-        t.out = str(run_dir)
-        init_tok = Tokenizer.from_file(run_dir / checkpoint.TOKENIZER)
-        if init_tok.hash != ckpt.state["tokenizer_hash"]:
-            raise UserError(f"{run_dir}: tokenizer.json has hash {init_tok.hash[:12]}, the checkpoint was trained "
-                            f"with {ckpt.state['tokenizer_hash'][:12]}")
-        log(f"resuming {run_dir} from {ckpt.path.name} (step {ckpt.state['step']})"
-            + (f"; changed: {'; '.join(diffs)}" if diffs else ""))
-    else:
-        run_dir = new_run_dir(t.out)
-        t.out = str(run_dir)
-        if t.init_from:
-            # Continued pre-training: the checkpoint's shape, weights and tokenizer; this run's dropout.
-            init_model, init_tok, note = checkpoint.load_for_init(t.init_from)
-            dropout = cfg.model.hidden_dropout, cfg.model.attention_dropout
-            cfg.model = dataclasses.replace(init_model.config, preset=None)
-            cfg.model.hidden_dropout, cfg.model.attention_dropout = dropout
-            log(f"{t.init_from}: {note}")
 
-    data = prepare(cfg.data, tokenizer=init_tok, log=log)
-    tok = data.tokenizer
-    if init_tok is None:
-        cfg.model.vocab_size, cfg.model.pad_token_id = tok.vocab_size, tok.special.pad
-    if data.meta["max_token_id"] >= cfg.model.vocab_size:
-        raise UserError(f"{data.folder}: token id {data.meta['max_token_id']} >= the model's vocabulary of {cfg.model.vocab_size}")
-    if cfg.data.seq_len > cfg.model.max_position:
-        raise UserError(f"--seq-len {cfg.data.seq_len} exceeds the model's {cfg.model.max_position} positions")
-    seq_len = cfg.data.seq_len
-    phases = cfg.seq_len_phases()  # [(length, end of phase in progress)]
-    pair_objective = {"mlm": None, "mlm+nsp": "nsp", "mlm+sop": "sop"}[t.objective]
+class _Run:
+    """One pre-training run: set up from a config (or a checkpoint), the loop, checkpoints, the end."""
 
-    def phase_batch(length: int) -> int:
-        """Sequences per step in a phase: the same number of tokens as at the final length, if asked."""
+    def __init__(self, cfg: Config, device: torch.device, d: Dist, log, progress_bar):
+        t = cfg.train
+        self.cfg, self.t, self.device, self.dist, self.log, self.progress_bar = cfg, t, device, d, log, progress_bar
+        self.amp_dtype = resolve_precision(t.precision, device)
+        if t.batch_size % (d.world * t.grad_accum):
+            raise UserError(f"--batch-size {t.batch_size} must divide by world size x --grad-accum ({d.world} x {t.grad_accum})")
+
+        ckpt = checkpoint.read_checkpoint(t.resume) if t.resume else None
+        init_model = init_tok = None
+        if ckpt is not None:
+            saved = Config.from_dict(ckpt.state["config"], allow_derived=True)
+            # The shape comes from the run; only then compare what the user asked for with what it was.
+            cfg.model.vocab_size, cfg.model.pad_token_id = saved.model.vocab_size, saved.model.pad_token_id
+            diffs = resume_differences(saved, cfg)
+            if ckpt.state.get("world_size", 1) != d.world:
+                diffs.append(f"world size: {ckpt.state.get('world_size', 1)} -> {d.world}")
+            if diffs and not t.allow_config_change:
+                raise UserError(f"--resume would change the run: {'; '.join(diffs)} (pass --allow-config-change to accept)")
+            self.run_dir = ckpt.path.parent.parent
+            init_tok = Tokenizer.from_file(self.run_dir / checkpoint.TOKENIZER)
+            if init_tok.hash != ckpt.state["tokenizer_hash"]:
+                raise UserError(f"{self.run_dir}: tokenizer.json has hash {init_tok.hash[:12]}, the checkpoint was "
+                                f"trained with {ckpt.state['tokenizer_hash'][:12]}")
+            log(f"resuming {self.run_dir} from {ckpt.path.name} (step {ckpt.state['step']})"
+                + (f"; changed: {'; '.join(diffs)}" if diffs else ""))
+        else:
+            self.run_dir = Path(d.broadcast_object(str(new_run_dir(t.out)) if d.is_main else None))
+            if t.init_from:
+                # Continued pre-training: the checkpoint's shape, weights and tokenizer; this run's dropout.
+                init_model, init_tok, note = checkpoint.load_for_init(t.init_from)
+                dropout = cfg.model.hidden_dropout, cfg.model.attention_dropout
+                cfg.model = dataclasses.replace(init_model.config, preset=None)
+                cfg.model.hidden_dropout, cfg.model.attention_dropout = dropout
+                log(f"{t.init_from}: {note}")
+        t.out = str(self.run_dir)
+
+        # Rank 0 prepares (or finds) the data; the others then read the same cache.
+        if not d.is_main:
+            d.barrier()
+        data = prepare(cfg.data, tokenizer=init_tok, log=log)
+        if d.is_main:
+            d.barrier()
+        self.data, self.tok = data, data.tokenizer
+        if init_tok is None:
+            cfg.model.vocab_size, cfg.model.pad_token_id = self.tok.vocab_size, self.tok.special.pad
+        if data.meta["max_token_id"] >= cfg.model.vocab_size:
+            raise UserError(f"{data.folder}: token id {data.meta['max_token_id']} >= the model's vocabulary of "
+                            f"{cfg.model.vocab_size}")
+        if cfg.data.seq_len > cfg.model.max_position:
+            raise UserError(f"--seq-len {cfg.data.seq_len} exceeds the model's {cfg.model.max_position} positions")
+        self.phases = cfg.seq_len_phases()  # [(length, end of the phase in progress)]
+        self.pairs = {"mlm": None, "mlm+nsp": "nsp", "mlm+sop": "sop"}[t.objective]
+        seq_len, special = cfg.data.seq_len, self.tok.special
+        valid_pairs = None
+        if self.pairs:
+            try:
+                valid_pairs = PairSource(data.valid, seq_len, special, self.pairs, t.eval_seed,
+                                         short_seq_prob=cfg.data.short_seq_prob)
+            except UserError as e:  # e.g. one held-out document: no random B for NSP
+                log(f"note: no held-out {self.pairs.upper()} accuracy ({e})")
+        self.evaluator = Evaluator(PackedSequences(data.valid, seq_len, special, pad_last=True, what="held-out"),
+                                   self.tok, cfg.mask, t.eval_sequences, t.eval_seed, pairs=valid_pairs, dist=d)
+
+        torch.manual_seed(t.seed)
+        model = BertForPreTraining(cfg.model)
+        if init_model is not None:
+            model.load_state_dict(init_model.state_dict())
+        if ckpt is not None:
+            model.load_state_dict(ckpt.weights)
+        self.model = model.to(device).train()
+        self.opt = make_optimizer(model, t)
+        self.mask_gen = torch.Generator(device=device).manual_seed(t.seed)
+        self.state = TrainState()
+        if ckpt is not None:
+            checkpoint.restore_optimizer(self.opt, ckpt)
+            self.state = TrainState(**ckpt.state["train_state"])
+            _rng_restore(ckpt.rng, ckpt.state["rng"], self.mask_gen, d.rank)
+        self.last_ckpt: Path | None = ckpt.path if ckpt is not None else None
+        self.protect = ckpt.path.name if ckpt is not None else None
+
+        phase = self.phase_at(progress(self.state, t))
+        self.loader = self.open_loader(phase, self.state.data_position if phase == self.state.phase else None)
+        self.state.phase = phase
+        self.step_fn = TrainStep(model, self.opt, MaskSpec.from_tokenizer(self.tok, cfg.mask), self.mask_gen,
+                                 grad_accum=t.grad_accum, clip_grad=t.clip_grad, amp_dtype=self.amp_dtype,
+                                 compile=t.compile, nsp=self.pairs is not None, dist=d)
+        if d.is_main:
+            checkpoint.save_config(cfg, self.run_dir / checkpoint.CONFIG)
+            self.tok.save(self.run_dir)
+
+    # -- data -------------------------------------------------------------------------------------------------
+
+    def phase_at(self, p: float) -> int:
+        return next(i for i, (_, end) in enumerate(self.phases) if p < end or i == len(self.phases) - 1)
+
+    def phase_batch(self, length: int) -> int:
+        """Sequences per step in a phase (global): the same number of tokens as at the final length, if asked."""
+        t, seq_len, unit = self.t, self.cfg.data.seq_len, self.t.grad_accum * self.dist.world
         if not t.schedule_keep_tokens or length == seq_len:
             return t.batch_size
-        return max(t.grad_accum, round(t.batch_size * seq_len / length / t.grad_accum) * t.grad_accum)
+        return max(unit, round(t.batch_size * seq_len / length / unit) * unit)
 
-    def make_source(phase: int, position):
-        length = phases[phase][0]
-        if pair_objective:
-            return PairSource(data.train, length, tok.special, pair_objective, t.seed, position or (0, 0),
-                              cfg.data.short_seq_prob, stream=phase)
-        return PackedSource(PackedSequences(data.train, length, tok.special), t.seed, position or 0, stream=phase)
+    def batch_now(self, phase: int) -> int:
+        """Global sequences in the next step: the phase's batch, under the batch-size ramp if any."""
+        full = self.phase_batch(self.phases[phase][0])
+        return batch_at(progress(self.state, self.t), full, self.t.batch_ramp, self.t.grad_accum * self.dist.world)
 
-    valid_seqs = PackedSequences(data.valid, seq_len, tok.special, pad_last=True, what="held-out")
-    valid_pairs = (PairSource(data.valid, seq_len, tok.special, pair_objective, t.eval_seed,
-                              short_seq_prob=cfg.data.short_seq_prob) if pair_objective else None)
-    evaluator = Evaluator(valid_seqs, tok, cfg.mask, t.eval_sequences, t.eval_seed, pairs=valid_pairs)
+    def open_loader(self, phase: int, position) -> BatchLoader:
+        t, length, special = self.t, self.phases[phase][0], self.tok.special
+        if self.pairs:
+            source = PairSource(self.data.train, length, special, self.pairs, t.seed, position or (0, 0),
+                                self.cfg.data.short_seq_prob, stream=phase)
+        else:
+            source = PackedSource(PackedSequences(self.data.train, length, special), t.seed, position or 0, stream=phase)
+        return BatchLoader(source, self.batch_now(phase), pin=self.device.type == "cuda",
+                           max_id=self.cfg.model.vocab_size, shard=(self.dist.rank, self.dist.world))
 
-    torch.manual_seed(t.seed)
-    model = BertForPreTraining(cfg.model)
-    if init_model is not None:
-        model.load_state_dict(init_model.state_dict())
-    if ckpt is not None:
-        model.load_state_dict(ckpt.weights)
-    model.to(device).train()
-    opt = make_optimizer(model, t)
-    mask_gen = torch.Generator(device=device).manual_seed(t.seed)
-    state = TrainState()
-    if ckpt is not None:
-        checkpoint.restore_optimizer(opt, ckpt)
-        state = TrainState(**ckpt.state["train_state"])
-        _rng_restore(ckpt.rng, ckpt.state["rng"], mask_gen)
-    def phase_at(p: float) -> int:
-        return next(i for i, (_, end) in enumerate(phases) if p < end or i == len(phases) - 1)
+    # -- checkpoints ------------------------------------------------------------------------------------------
 
-    def open_loader(phase: int, position) -> BatchLoader:
-        return BatchLoader(make_source(phase, position), phase_batch(phases[phase][0]), pin=device.type == "cuda",
-                           max_id=cfg.model.vocab_size)
-
-    phase = phase_at(progress(state, t))
-    loader = open_loader(phase, state.data_position if phase == state.phase else None)
-    state.phase = phase
-    train_sequences = len(PackedSequences(data.train, seq_len, tok.special)) if not pair_objective else len(
-        loader.source.instances(0))
-
-    checkpoint.save_config(cfg, run_dir / checkpoint.CONFIG)
-    tok.save(run_dir)
-    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-
-    def record(entry: dict) -> None:
-        metrics.write(json.dumps(entry) + "\n")
-        metrics.flush()
-
-    last_ckpt: Path | None = ckpt.path if ckpt is not None else None
-    protect = ckpt.path.name if ckpt is not None else None
-
-    def save(final: bool = False) -> None:
-        nonlocal last_ckpt
-        tensors, plain = _rng_snapshot(mask_gen)
-        payload = {"format": 1, "step": state.step, "train_state": asdict(state), "config": cfg.to_dict(),
-                   "tokenizer_hash": tok.hash, "world_size": 1, "rng": plain}
+    def save(self, final: bool = False) -> None:
+        """Rank 0 writes the checkpoint; every rank contributes its own RNG state."""
+        tensors, plain = _rng_snapshot(self.mask_gen)
+        per_rank = self.dist.all_gather_object({k: v for k, v in tensors.items() if k != "mask"})
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        tensors = {"mask": tensors["mask"]}  # the masking generator is the same on every rank
+        for r, states in enumerate(per_rank):
+            tensors.update({f"rank{r}.{k}": v.clone() for k, v in states.items()})
+        payload = {"format": 1, "step": self.state.step, "train_state": asdict(self.state), "config": self.cfg.to_dict(),
+                   "tokenizer_hash": self.tok.hash, "world_size": self.dist.world, "rng": plain}
         try:
-            last_ckpt = checkpoint.save_checkpoint(run_dir, step=state.step, model=model, optimizer=opt,
-                                                   state=payload, rng_tensors=tensors, keep=t.keep_checkpoints,
-                                                   protect=protect)
+            self.last_ckpt = checkpoint.save_checkpoint(self.run_dir, step=self.state.step, model=self.model,
+                                                        optimizer=self.opt, state=payload, rng_tensors=tensors,
+                                                        keep=self.t.keep_checkpoints, protect=self.protect)
         except OSError as e:
             if final:
                 raise UserError(f"could not write the final checkpoint ({e.strerror or e}); "
-                                f"the last good one is {last_ckpt or 'none'}") from None
-            log(f"warning: checkpoint at step {state.step} failed ({e.strerror or e}); "
-                f"the previous one ({last_ckpt.name if last_ckpt else 'none'}) is intact; training goes on")
+                                f"the last good one is {self.last_ckpt or 'none'}") from None
+            self.log(f"warning: checkpoint at step {self.state.step} failed ({e.strerror or e}); the previous one "
+                     f"({self.last_ckpt.name if self.last_ckpt else 'none'}) is intact; training goes on")
+        finally:
+            self.dist.barrier()
 
-    stop = f"{t.max_steps} steps" if t.max_steps else ""
-    if t.time_budget:
-        stop += (" or " if stop else "") + f"{t.time_budget:g}s"
-    log(f"model: {cfg.model.preset or 'custom'} ({cfg.model.num_layers}L/{cfg.model.hidden_size}H, "
-        f"{model.num_parameters() / 1e6:.1f}M parameters), vocab {cfg.model.vocab_size}, seq {seq_len}, "
-        f"batch {t.batch_size}, on {device} ({'bf16 mixed precision' if amp_dtype else 'fp32'}); "
-        f"{train_sequences:,} training {'pairs' if pair_objective else 'sequences'}"
-        + (f" (length schedule {t.seq_len_schedule})" if t.seq_len_schedule else "")
-        + (f"; objective {t.objective}" if pair_objective else "") + f"; stop at {stop}; run folder {run_dir}")
+    # -- the loop ---------------------------------------------------------------------------------------------
 
-    step_fn = TrainStep(model, opt, MaskSpec.from_tokenizer(tok, cfg.mask), mask_gen, grad_accum=t.grad_accum,
-                        clip_grad=t.clip_grad, amp_dtype=amp_dtype, compile=t.compile)
-    if t.compile:
-        secs = sum(step_fn.compile_now(phase_batch(length), length) for length, _ in phases)
-        log(f"compiled the encoder in {secs:.1f}s (not counted as training time)")
-    # MFU against this machine's measured matmul peak in the training precision (maskedlm/flops.py).
-    peak = matmul_peak(device.type, amp_dtype or torch.float32)
-    bar = _Progress(progress_bar)
-    window = dict.fromkeys(["loss_sum", "predicted", "correct", "steps", "time", "data_time", "tokens", "flops",
-                            "nsp_sum", "nsp_correct", "sequences"], 0.0)
-    last_eval: EvalResult | None = None
-    last_save_time = time.time()
-    nonfinite_run = 0
-    flag: dict = {"signal": None}
-    old_handlers = _install_signal_handlers(flag)
-    try:
-        while progress(state, t) < 1.0 and flag["signal"] is None:
-            t0 = time.perf_counter()
-            p_next = progress(state, t, ahead=1)
-            if (new_phase := phase_at(progress(state, t))) != state.phase:  # the next length of the curriculum
-                loader.close()
-                loader = open_loader(new_phase, None)
-                state.phase, state.data_position = new_phase, None
-                log(f"step {state.step}: sequence length {phases[new_phase][0]}, batch {loader.batch_size}")
-            lr = t.lr * lr_factor(p_next, t)
-            batch, position = loader.next()
-            t_data = time.perf_counter() - t0
-            stats = step_fn(batch.to(device, non_blocking=True), lr)
+    def train(self) -> RunResult:
+        import signal
 
-            step_tokens = batch.input_ids.numel()
-            state.step += 1
-            state.tokens += step_tokens
-            state.data_position = position
-            state.elapsed += time.perf_counter() - t0
-            if stats.skipped:
-                state.skipped_steps += 1
-                nonfinite_run += 1
-                log(f"warning: step {state.step}: non-finite loss or gradient norm; update skipped")
-                if nonfinite_run >= t.max_nonfinite:
-                    raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last: step "
-                                    f"{state.step}); stopped. Last good checkpoint: {last_ckpt or 'none'} "
-                                    "(lower --lr, or check the data)")
-                continue
-            nonfinite_run = 0
-            window["loss_sum"] += float(stats.loss_sum)
-            window["predicted"] += int(stats.predicted)
-            window["correct"] += int(stats.correct)
-            window["steps"] += 1
-            window["time"] += time.perf_counter() - t0
-            window["data_time"] += t_data
-            window["tokens"] += step_tokens
-            window["flops"] += train_flops(cfg.model, batch.input_ids.shape[0], batch.input_ids.shape[1], int(stats.predicted))
-            if stats.nsp_loss_sum is not None:
-                window["nsp_sum"] += float(stats.nsp_loss_sum)
-                window["nsp_correct"] += int(stats.nsp_correct)
-                window["sequences"] += stats.sequences
+        t, state, cfg, d = self.t, self.state, self.cfg, self.dist
+        stop = f"{t.max_steps} steps" if t.max_steps else ""
+        if t.time_budget:
+            stop += (" or " if stop else "") + f"{t.time_budget:g}s"
+        src = self.loader.source
+        count = len(src.instances(0)) if self.pairs else len(src.seqs)
+        self.log(f"model: {cfg.model.preset or 'custom'} ({cfg.model.num_layers}L/{cfg.model.hidden_size}H, "
+                 f"{self.model.num_parameters() / 1e6:.1f}M parameters), vocab {cfg.model.vocab_size}, "
+                 f"seq {cfg.data.seq_len}, batch {t.batch_size}, on {self.device}"
+                 f"{f' x {d.world} ranks' if d.active else ''} ({'bf16 mixed precision' if self.amp_dtype else 'fp32'}); "
+                 f"{count:,} training {'pairs' if self.pairs else 'sequences'}"
+                 + (f" (length schedule {t.seq_len_schedule})" if t.seq_len_schedule else "")
+                 + (f"; objective {t.objective}" if self.pairs else "") + f"; stop at {stop}; run folder {self.run_dir}")
+        if t.compile:
+            secs = sum(self.step_fn.compile_now(self.phase_batch(n), n) for n, _ in self.phases)
+            self.log(f"compiled the encoder in {secs:.1f}s (not counted as training time)")
+        # MFU against this machine's measured matmul peak in the training precision (maskedlm/flops.py).
+        self.peak = matmul_peak(self.device.type, self.amp_dtype or torch.float32) * d.world
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if d.is_main else None
+        bar = _Progress(self.progress_bar)
+        window = _Window()
+        last_eval: EvalResult | None = None
+        last_save_time = time.time()
+        nonfinite_run = 0
+        flag: dict = {"signal": None}
+        old_handlers = _install_signal_handlers(flag)
+        try:
+            while progress(state, t) < 1.0:
+                # Every rank stops at the same step when any of them got a signal.
+                if d.all_reduce(torch.tensor(int(flag["signal"] or 0)), "max").item():
+                    flag["signal"] = flag["signal"] or signal.SIGTERM
+                    break
+                t0 = time.perf_counter()
+                if (new_phase := self.phase_at(progress(state, t))) != state.phase:  # the curriculum's next length
+                    self.loader.close()
+                    self.loader = self.open_loader(new_phase, None)
+                    state.phase, state.data_position = new_phase, None
+                    self.log(f"step {state.step}: sequence length {self.phases[new_phase][0]}, "
+                             f"batch {self.loader.batch_size}")
+                elif self.t.batch_ramp and self.batch_now(state.phase) != self.loader.batch_size:
+                    self.loader.close()  # the batch-size ramp moved on: continue from the data consumed so far
+                    self.loader = self.open_loader(state.phase, state.data_position)
+                lr = t.lr * lr_factor(progress(state, t, ahead=1), t)
+                batch, position = self.loader.next()
+                t_data = time.perf_counter() - t0
+                stats = self.step_fn(batch.to(self.device, non_blocking=True), lr)
+                step_tokens = batch.input_ids.numel() * d.world
+                state.step += 1
+                state.tokens += step_tokens
+                state.data_position = position
+                state.elapsed += time.perf_counter() - t0
+                if stats.skipped:
+                    state.skipped_steps += 1
+                    nonfinite_run += 1
+                    self.log(f"warning: step {state.step}: non-finite loss or gradient norm; update skipped")
+                    if nonfinite_run >= t.max_nonfinite:
+                        raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last: "
+                                        f"step {state.step}); stopped. Last good checkpoint: {self.last_ckpt or 'none'} "
+                                        "(lower --lr, or check the data)")
+                    continue
+                nonfinite_run = 0
+                window.add(stats, time.perf_counter() - t0, t_data, step_tokens,
+                           train_flops(cfg.model, batch.input_ids.shape[0] * d.world, batch.input_ids.shape[1],
+                                       int(stats.predicted)))
+                done = progress(state, t) >= 1.0
+                if state.step % t.log_every == 0 or done:
+                    entry = window.record(state, lr, stats, self.peak, self.loader.source.epoch, batch.input_ids.shape[1])
+                    self.record(entry)
+                    p = progress(state, t)
+                    eta = state.elapsed * (1 - p) / max(p, 1e-9)
+                    bar.update(p, f"step {state.step} loss {entry['loss']:.3f} {entry['tokens_per_s'] / 1e3:.1f}k tok/s "
+                                  f"MFU {entry['mfu']:.0%} ETA {eta:.0f}s")
+                    window = _Window()
+                if (t.eval_every and state.step % t.eval_every == 0) or done:
+                    last_eval = self.evaluator(self.model, self.device, self.amp_dtype)
+                    self.record({"step": state.step, "split": "valid", **last_eval.as_dict(), "elapsed": state.elapsed})
+                if not done and ((t.checkpoint_every and state.step % t.checkpoint_every == 0)
+                                 or (t.checkpoint_minutes and time.time() - last_save_time >= 60 * t.checkpoint_minutes)):
+                    self.save()
+                    last_save_time = time.time()
+            if flag["signal"] is not None:
+                self.save(final=True)
+                name = signal.Signals(flag["signal"]).name
+                self.log(f"stopped by {name} at step {state.step}; checkpoint {self.last_ckpt}; "
+                         f"resume with: maskedlm pretrain --resume {self.run_dir}")
+                return RunResult(self.run_dir, None, state.step, state.elapsed, state.tokens / max(state.elapsed, 1e-9),
+                                 stopped_by=name, checkpoint=self.last_ckpt)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.loader.close()
+            bar.close()
+            if self.metrics:
+                self.metrics.close()
+        if last_eval is None:  # resumed a run that had already finished
+            last_eval = self.evaluator(self.model, self.device, self.amp_dtype)
+        return self.finish(last_eval)
 
-            done = progress(state, t) >= 1.0
-            if state.step % t.log_every == 0 or done:
-                n = max(window["steps"], 1)
-                loss = window["loss_sum"] / max(window["predicted"], 1)
-                tps = window["tokens"] / max(window["time"], 1e-9)
-                mfu = window["flops"] / max(window["time"], 1e-9) / peak
-                entry = {"step": state.step, "loss": loss, "accuracy": window["correct"] / max(window["predicted"], 1),
-                         "lr": lr, "grad_norm": float(stats.grad_norm), "tokens_per_s": tps, "mfu": mfu,
-                         "elapsed": state.elapsed, "tokens": state.tokens, "epoch": loader.source.epoch,
-                         "seq_len": batch.input_ids.shape[1], "step_ms": 1e3 * window["time"] / n,
-                         "data_ms": 1e3 * window["data_time"] / n, "skipped_steps": state.skipped_steps}
-                if window["sequences"]:
-                    entry["nsp_loss"] = window["nsp_sum"] / window["sequences"]
-                    entry["nsp_accuracy"] = window["nsp_correct"] / window["sequences"]
-                record(entry)
-                p = progress(state, t)
-                eta = state.elapsed * (1 - p) / max(p, 1e-9)
-                bar.update(p, f"step {state.step} loss {loss:.3f} {tps / 1e3:.1f}k tok/s MFU {mfu:.0%} ETA {eta:.0f}s")
-                window = dict.fromkeys(window, 0.0)
-            if (t.eval_every and state.step % t.eval_every == 0) or done:
-                last_eval = evaluator(model, device, amp_dtype)
-                record({"step": state.step, "split": "valid", **last_eval.as_dict(), "elapsed": state.elapsed})
-            if not done and ((t.checkpoint_every and state.step % t.checkpoint_every == 0)
-                             or (t.checkpoint_minutes and time.time() - last_save_time >= 60 * t.checkpoint_minutes)):
-                save()
-                last_save_time = time.time()
-        if flag["signal"] is not None:
-            save(final=True)
-            name = signal.Signals(flag["signal"]).name
-            log(f"stopped by {name} at step {state.step}; checkpoint {last_ckpt}; "
-                f"resume with: maskedlm pretrain --resume {run_dir}")
-            return RunResult(run_dir, None, state.step, state.elapsed, state.tokens / max(state.elapsed, 1e-9),
-                             stopped_by=name, checkpoint=last_ckpt)
-    finally:
-        import signal as _signal
+    def record(self, entry: dict) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps(entry) + "\n")
+            self.metrics.flush()
 
-        for s, h in old_handlers.items():
-            _signal.signal(s, h)
-        loader.close()
-        bar.close()
-        metrics.close()
+    def finish(self, last_eval: EvalResult) -> RunResult:
+        state, t, cfg = self.state, self.t, self.cfg
+        self.save(final=True)
+        tps = state.tokens / max(state.elapsed, 1e-9)
+        if self.dist.is_main:
+            checkpoint.save_weights(self.model, self.run_dir / checkpoint.WEIGHTS)
+            export_model(self.model, self.tok, self.run_dir / "hf", nsp=self.pairs is not None,
+                         lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
+            checkpoint.atomic_write_text(self.run_dir / "eval.json", json.dumps(
+                {"step": state.step, **last_eval.as_dict(), "train_state": asdict(state)}, indent=2) + "\n")
+        self.log(f"done: {state.step} steps, {state.tokens:,} tokens in {state.elapsed:.0f}s ({tps / 1e3:.1f}k tokens/s)"
+                 + (f"; {state.skipped_steps} step(s) skipped (non-finite)" if state.skipped_steps else ""))
+        nsp = f", {t.objective[4:].upper()} accuracy {last_eval.nsp_accuracy:.1%}" if last_eval.nsp_accuracy is not None else ""
+        self.log(f"held-out: loss {last_eval.loss:.3f}, masked-token accuracy {last_eval.accuracy:.1%}, "
+                 f"perplexity {last_eval.perplexity:.1f} ({last_eval.predicted:,} predictions){nsp}")
+        if t.sample and self.dist.is_main:
+            self.model.eval()
+            self.log(sample_view(self.model, self.tok, self.data.valid.tokens, mask_prob=cfg.mask.mask_prob,
+                                 seed=t.eval_seed, color=sys.stdout.isatty(), amp_dtype=self.amp_dtype))
+        self.log(f"saved to {self.run_dir}")
+        self.dist.barrier()
+        return RunResult(self.run_dir, last_eval, state.step, state.elapsed, tps, checkpoint=self.last_ckpt)
 
-    if last_eval is None:  # resumed a run that had already finished
-        last_eval = evaluator(model, device, amp_dtype)
-    save(final=True)
-    checkpoint.save_weights(model, run_dir / checkpoint.WEIGHTS)
-    export_model(model, tok, run_dir / "hf", nsp=pair_objective is not None,
-                 lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
-    checkpoint.atomic_write_text(run_dir / "eval.json", json.dumps(
-        {"step": state.step, **last_eval.as_dict(), "train_state": asdict(state)}, indent=2) + "\n")
-    tps = state.tokens / max(state.elapsed, 1e-9)
-    log(f"done: {state.step} steps, {state.tokens:,} tokens in {state.elapsed:.0f}s ({tps / 1e3:.1f}k tokens/s)"
-        + (f"; {state.skipped_steps} step(s) skipped (non-finite)" if state.skipped_steps else ""))
-    log(f"held-out: loss {last_eval.loss:.3f}, masked-token accuracy {last_eval.accuracy:.1%}, "
-        f"perplexity {last_eval.perplexity:.1f} ({last_eval.predicted:,} predictions)")
-    if t.sample:
-        model.eval()
-        log(sample_view(model, tok, data.valid.tokens, mask_prob=cfg.mask.mask_prob, seed=t.eval_seed,
-                        color=sys.stdout.isatty(), amp_dtype=amp_dtype))
-    log(f"saved to {run_dir}")
-    return RunResult(run_dir, last_eval, state.step, state.elapsed, tps, checkpoint=last_ckpt)
+
+class _Window:
+    """Sums over the steps since the last metrics record."""
+
+    def __init__(self):
+        self.steps, self.time, self.data_time, self.tokens, self.flops = 0, 0.0, 0.0, 0, 0.0
+        self.loss_sum, self.predicted, self.correct = 0.0, 0, 0
+        self.nsp_sum, self.nsp_correct, self.sequences = 0.0, 0, 0
+
+    def add(self, stats: StepStats, seconds: float, data_seconds: float, tokens: int, flops: float) -> None:
+        self.steps += 1
+        self.time += seconds
+        self.data_time += data_seconds
+        self.tokens += tokens
+        self.flops += flops
+        self.loss_sum += float(stats.loss_sum)
+        self.predicted += int(stats.predicted)
+        self.correct += int(stats.correct)
+        if stats.nsp_loss_sum is not None:
+            self.nsp_sum += float(stats.nsp_loss_sum)
+            self.nsp_correct += int(stats.nsp_correct)
+            self.sequences += stats.sequences
+
+    def record(self, state: TrainState, lr: float, stats: StepStats, peak: float, epoch: float, seq_len: int) -> dict:
+        n, secs = max(self.steps, 1), max(self.time, 1e-9)
+        entry = {"step": state.step, "loss": self.loss_sum / max(self.predicted, 1),
+                 "accuracy": self.correct / max(self.predicted, 1), "lr": lr, "grad_norm": float(stats.grad_norm),
+                 "tokens_per_s": self.tokens / secs, "mfu": self.flops / secs / peak, "elapsed": state.elapsed,
+                 "tokens": state.tokens, "epoch": epoch, "seq_len": seq_len, "step_ms": 1e3 * self.time / n,
+                 "data_ms": 1e3 * self.data_time / n, "skipped_steps": state.skipped_steps}
+        if self.sequences:
+            entry["nsp_loss"] = self.nsp_sum / self.sequences
+            entry["nsp_accuracy"] = self.nsp_correct / self.sequences
+        return entry
