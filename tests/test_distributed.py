@@ -54,10 +54,11 @@ def corpus(corpus_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--grad-accum", "2"], ["--objective", "mlm+nsp"]],
-                         ids=["ddp", "ddp-accumulation", "ddp-nsp"])
+@pytest.mark.parametrize("extra", [[], ["--grad-accum", "2"], ["--objective", "mlm+nsp"], ["--parallel", "fsdp"],
+                                   ["--parallel", "fsdp", "--grad-accum", "2"]],
+                         ids=["ddp", "ddp-accumulation", "ddp-nsp", "fsdp", "fsdp-accumulation"])
 def test_two_ranks_train_the_same_model_as_one_process_with_the_same_global_batch(tmp_path, corpus, extra):
-    one = single(base_args(corpus, tmp_path / "one", "--max-steps", "20", *extra))
+    one = single(base_args(corpus, tmp_path / "one", "--max-steps", "20", *[e for e in extra if e not in ("--parallel", "fsdp")]))
     assert one.returncode == 0, one.stderr
     two = torchrun(2, base_args(corpus, tmp_path / "two", "--max-steps", "20", *extra))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -195,3 +196,26 @@ def test_training_with_lamb_and_a_batch_ramp(tmp_path, corpus):
     assert recs[-1]["loss"] < recs[0]["loss"]
     state = json.loads((res.run_dir / "eval.json").read_text())["train_state"]
     assert state["data_position"] == sum(per_step) // 32  # every sequence served once, none skipped
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_exactly_and_loads_as_a_plain_model(tmp_path, corpus):
+    from maskedlm import load
+
+    full = torchrun(2, base_args(corpus, tmp_path / "full", "--max-steps", "30", "--parallel", "fsdp"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    part = tmp_path / "part"
+    cmd = base_args(corpus, part, "--max-steps", "30", "--parallel", "fsdp", "--checkpoint-every", "10")
+    # stop after the step-20 checkpoint by resuming a run that was cut there: train 20 steps of the same schedule
+    first = torchrun(2, [*cmd, "--time-budget", "1000000"])  # the same schedule (max_steps 30) ...
+    assert first.returncode == 0, first.stderr[-2000:]
+    import shutil
+
+    shutil.rmtree(part / "checkpoints" / "step-00000030")  # ... as if it had died after step 20
+    (part / "checkpoints" / "latest").write_text("step-00000020\n")
+    again = torchrun(2, ["pretrain", "--resume", str(part)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = losses(tmp_path / "full"), losses(part)
+    assert all(a[s] == b[s] for s in range(1, 31))
+    model, _ = load(part)  # the saved weights are whole, not shards
+    assert model.bert.embeddings.word.weight.shape == (300, 32)

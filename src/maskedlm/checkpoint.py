@@ -165,19 +165,19 @@ def _nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor], opt_state: dict,
                     state: dict, rng_tensors: dict[str, torch.Tensor], keep: int,
                     protect: str | None = None) -> Path:
     """Write a checkpoint atomically, point `latest` at it, then drop old ones beyond `keep` (never
-    `protect`, the one this run resumed from). Raises UserError when a value is not finite; OSError when
-    the disk refuses (the previous checkpoint is then untouched)."""
+    `protect`, the one this run resumed from). `weights` is a full state dict, `opt_state` an optimizer
+    state dict in torch's format (parameters by index). Raises UserError when a value is not finite;
+    OSError when the disk refuses (the previous checkpoint is then untouched)."""
     import shutil
 
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    opt_state = optimizer.state_dict()
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     opt_tensors = {f"state.{i}.{k}": v.detach().to("cpu").contiguous()
                    for i, s in opt_state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
     bad = _nonfinite(weights) or _nonfinite(opt_tensors)
@@ -263,7 +263,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                       load_file(str(ckpt / "optimizer.safetensors")), load_file(str(ckpt / "rng.safetensors")))
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+def optimizer_state(ckpt: Checkpoint) -> dict:
+    """The checkpoint's optimizer state dict, in torch's format (parameters by index)."""
     state: dict[int, dict] = {}
     for key, tensor in ckpt.optimizer.items():
         _, idx, name = key.split(".", 2)
@@ -272,4 +273,4 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> Non
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}

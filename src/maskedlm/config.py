@@ -132,6 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, help="checkpoints kept (the newest; never the one resumed from)")
     max_nonfinite: int = _f(5, help="consecutive steps with a non-finite loss or gradient (each skipped) before aborting")
     dist_timeout: float = _f(600.0, help="seconds a rank waits for its peers before the job fails (torchrun)")
+    parallel: Literal["ddp", "fsdp"] = _f("ddp", help="under torchrun: replicate the model (DDP) or shard it (FSDP2, for models that do not fit one device)")
     sample: bool = _f(True, help="print held-out lines with the model's predictions at the end")
 
 

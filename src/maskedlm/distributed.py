@@ -85,3 +85,61 @@ def init(device_type: str, timeout_s: float = 600.0) -> Dist:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- FSDP (fully_shard) -----------------------------------------------------------------------------------
+
+
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
+    """Shard `model` with FSDP2 (torch.distributed.fsdp.fully_shard): each transformer block is a unit,
+    the rest (embeddings, pooler, heads, which share the word embeddings) the root unit. Parameters stay
+    fp32 shards; compute runs in `param_dtype` and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    for block in model.bert.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return [ids[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict (gathered from the shards under FSDP: a collective, every rank calls it)."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    """The optimizer state dict in torch's index format (gathered under FSDP: a collective)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = _param_names(model, optimizer)
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+              for g in by_name.get("param_groups", [])]
+    return {"state": {index[n]: s for n, s in by_name.get("state", {}).items()}, "param_groups": groups}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    """Load an optimizer state dict in torch's index format (sharding it under FSDP)."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, optimizer)
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+                                for g in state["param_groups"]]}
+    # strict=False: parameters that never got a gradient (pooler and NSP head without NSP) have no state.
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -85,7 +85,8 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
     if t.optimizer == "lamb":
         return Lamb(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     device = next(model.parameters()).device
-    fused = device.type in ("cpu", "cuda")
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP's DTensors: foreach
+    fused = device.type in ("cpu", "cuda") and not sharded
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused,
                              foreach=None if fused else True)
 
@@ -138,12 +139,13 @@ class TrainStep:
     def __init__(self, model: BertForPreTraining, optimizer: torch.optim.Optimizer, mask: MaskSpec,
                  generator: torch.Generator, *, grad_accum: int = 1, clip_grad: float = 1.0,
                  amp_dtype: torch.dtype | None = None, compile: bool = False, nsp: bool = False,
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), fsdp: bool = False):
         self.model, self.optimizer, self.mask, self.generator = model, optimizer, mask, generator
         self.grad_accum, self.clip_grad, self.dist = grad_accum, clip_grad, dist
         self.device = next(model.parameters()).device
+        self.fsdp = fsdp  # the model is already sharded, with its own mixed precision (distributed.apply_fsdp)
         self.compute = copy.deepcopy(model).to(amp_dtype) if amp_dtype is not None else model
-        if not nsp:  # no gradient ever reaches these: DDP must not wait for them
+        if not nsp and not fsdp:  # no gradient ever reaches these: DDP must not wait for them
             for p in [*self.compute.bert.pooler.parameters(), *self.compute.nsp.parameters()]:
                 p.requires_grad_(False)
         self.params = list(model.parameters())
@@ -152,7 +154,7 @@ class TrainStep:
             self.compute.bert.compile(dynamic=False)
         self.encoder = self.compute.bert
         self.runner: torch.nn.Module = self.compute
-        if dist.active:
+        if dist.active and not fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.runner = DistributedDataParallel(self.compute, device_ids=[self.device.index]
@@ -205,7 +207,9 @@ class TrainStep:
 
         for i in range(self.grad_accum):
             sync = i == self.grad_accum - 1 or not self.dist.active
-            with contextlib.nullcontext() if sync else self.runner.no_sync():
+            if self.fsdp:
+                self.runner.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or self.fsdp else self.runner.no_sync():
                 out = self.forward(part(inputs, i), part(labels, i), part(batch.attention_mask, i),
                                    part(batch.token_type_ids, i), nsp=nsp)
                 loss = out.loss_sum / n_pred
@@ -223,6 +227,8 @@ class TrainStep:
         self.dist.all_reduce(sums)
         clip = self.clip_grad if self.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         # A non-finite loss or gradient skips the update (weights and optimizer state stay as they were).
         # Every rank sees the same all-reduced values, so all of them skip together.
         finite = bool(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
@@ -454,8 +460,11 @@ class _Run:
                                          short_seq_prob=cfg.data.short_seq_prob)
             except UserError as e:  # e.g. one held-out document: no random B for NSP
                 log(f"note: no held-out {self.pairs.upper()} accuracy ({e})")
+        # FSDP shards the model: evaluation then needs every rank in every forward (no sharding of batches).
+        self.fsdp = t.parallel == "fsdp" and d.active
         self.evaluator = Evaluator(PackedSequences(data.valid, seq_len, special, pad_last=True, what="held-out"),
-                                   self.tok, cfg.mask, t.eval_sequences, t.eval_seed, pairs=valid_pairs, dist=d)
+                                   self.tok, cfg.mask, t.eval_sequences, t.eval_seed, pairs=valid_pairs,
+                                   dist=Dist() if self.fsdp else d)
 
         torch.manual_seed(t.seed)
         model = BertForPreTraining(cfg.model)
@@ -464,11 +473,13 @@ class _Run:
         if ckpt is not None:
             model.load_state_dict(ckpt.weights)
         self.model = model.to(device).train()
+        if self.fsdp:  # parallelism from outside the model, before the optimizer sees the (sharded) parameters
+            distributed.apply_fsdp(model, self.amp_dtype)
         self.opt = make_optimizer(model, t)
         self.mask_gen = torch.Generator(device=device).manual_seed(t.seed)
         self.state = TrainState()
         if ckpt is not None:
-            checkpoint.restore_optimizer(self.opt, ckpt)
+            distributed.load_optimizer_state(model, self.opt, checkpoint.optimizer_state(ckpt), self.fsdp)
             self.state = TrainState(**ckpt.state["train_state"])
             _rng_restore(ckpt.rng, ckpt.state["rng"], self.mask_gen, d.rank)
         self.last_ckpt: Path | None = ckpt.path if ckpt is not None else None
@@ -478,8 +489,9 @@ class _Run:
         self.loader = self.open_loader(phase, self.state.data_position if phase == self.state.phase else None)
         self.state.phase = phase
         self.step_fn = TrainStep(model, self.opt, MaskSpec.from_tokenizer(self.tok, cfg.mask), self.mask_gen,
-                                 grad_accum=t.grad_accum, clip_grad=t.clip_grad, amp_dtype=self.amp_dtype,
-                                 compile=t.compile, nsp=self.pairs is not None, dist=d)
+                                 grad_accum=t.grad_accum, clip_grad=t.clip_grad,
+                                 amp_dtype=None if self.fsdp else self.amp_dtype, compile=t.compile,
+                                 nsp=self.pairs is not None, dist=d, fsdp=self.fsdp)
         if d.is_main:
             checkpoint.save_config(cfg, self.run_dir / checkpoint.CONFIG)
             self.tok.save(self.run_dir)
@@ -517,6 +529,8 @@ class _Run:
         """Rank 0 writes the checkpoint; every rank contributes its own RNG state."""
         tensors, plain = _rng_snapshot(self.mask_gen)
         per_rank = self.dist.all_gather_object({k: v for k, v in tensors.items() if k != "mask"})
+        weights = distributed.full_model_state(self.model, self.fsdp)  # collectives under FSDP
+        opt_state = distributed.full_optimizer_state(self.model, self.opt, self.fsdp)
         if not self.dist.is_main:
             self.dist.barrier()
             return
@@ -526,8 +540,8 @@ class _Run:
         payload = {"format": 1, "step": self.state.step, "train_state": asdict(self.state), "config": self.cfg.to_dict(),
                    "tokenizer_hash": self.tok.hash, "world_size": self.dist.world, "rng": plain}
         try:
-            self.last_ckpt = checkpoint.save_checkpoint(self.run_dir, step=self.state.step, model=self.model,
-                                                        optimizer=self.opt, state=payload, rng_tensors=tensors,
+            self.last_ckpt = checkpoint.save_checkpoint(self.run_dir, step=self.state.step, weights=weights,
+                                                        opt_state=opt_state, state=payload, rng_tensors=tensors,
                                                         keep=self.t.keep_checkpoints, protect=self.protect)
         except OSError as e:
             if final:
@@ -650,9 +664,15 @@ class _Run:
         state, t, cfg = self.state, self.t, self.cfg
         self.save(final=True)
         tps = state.tokens / max(state.elapsed, 1e-9)
+        model = self.model
+        if self.fsdp:  # an unsharded copy for saving, export and the sample (rank 0 alone runs those)
+            weights = distributed.full_model_state(self.model, True)
+            model = BertForPreTraining(cfg.model)
+            if self.dist.is_main:
+                model.load_state_dict(weights)
         if self.dist.is_main:
-            checkpoint.save_weights(self.model, self.run_dir / checkpoint.WEIGHTS)
-            export_model(self.model, self.tok, self.run_dir / "hf", nsp=self.pairs is not None,
+            checkpoint.save_weights(model, self.run_dir / checkpoint.WEIGHTS)
+            export_model(model, self.tok, self.run_dir / "hf", nsp=self.pairs is not None,
                          lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
             checkpoint.atomic_write_text(self.run_dir / "eval.json", json.dumps(
                 {"step": state.step, **last_eval.as_dict(), "train_state": asdict(state)}, indent=2) + "\n")
@@ -662,9 +682,10 @@ class _Run:
         self.log(f"held-out: loss {last_eval.loss:.3f}, masked-token accuracy {last_eval.accuracy:.1%}, "
                  f"perplexity {last_eval.perplexity:.1f} ({last_eval.predicted:,} predictions){nsp}")
         if t.sample and self.dist.is_main:
-            self.model.eval()
-            self.log(sample_view(self.model, self.tok, self.data.valid.tokens, mask_prob=cfg.mask.mask_prob,
-                                 seed=t.eval_seed, color=sys.stdout.isatty(), amp_dtype=self.amp_dtype))
+            model.eval()
+            self.log(sample_view(model, self.tok, self.data.valid.tokens, mask_prob=cfg.mask.mask_prob,
+                                 seed=t.eval_seed, color=sys.stdout.isatty(),
+                                 amp_dtype=self.amp_dtype if next(model.parameters()).device == self.device else None))
         self.log(f"saved to {self.run_dir}")
         self.dist.barrier()
         return RunResult(self.run_dir, last_eval, state.step, state.elapsed, tps, checkpoint=self.last_ckpt)
