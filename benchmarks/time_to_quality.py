@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from maskedlm.config import Config  # noqa: E402
-from maskedlm.data import EpochSampler, PackedSequences, prepare  # noqa: E402
+from maskedlm.batches import EpochSampler, PackedSequences  # noqa: E402
+from maskedlm.data import prepare  # noqa: E402
 from maskedlm.evaluate import Evaluator  # noqa: E402
 from maskedlm.hf import key_map  # noqa: E402
 from maskedlm.masking import MaskSpec  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 
 from maskedlm import DataConfig, Tokenizer, UserError
 from maskedlm import data as data_mod
-from maskedlm.data import EpochSampler, PackedSequences, prepare, token_dtype
+from maskedlm.batches import EpochSampler, PackedSequences
+from maskedlm.data import prepare, token_dtype
 
 from .conftest import scenes
 
@@ -30,7 +31,7 @@ def test_embedded_corpus_is_split_by_scene_and_cached(monkeypatch):
     assert m["dtype"] == "uint16" and prep.train.tokens.dtype == np.uint16
     assert m["vocab_size"] == 8192 and m["tokenizer_hash"] == prep.tokenizer.hash
     # Second call: reuses the folder without tokenising again.
-    monkeypatch.setattr(data_mod, "_tokenize_into", lambda *a, **k: pytest.fail("re-tokenised"))
+    monkeypatch.setattr(data_mod, "_write_shard", lambda *a, **k: pytest.fail("re-tokenised"))
     again = prepare(DataConfig(), log=quiet)
     assert again.folder == prep.folder
     assert np.array_equal(np.asarray(again.valid.tokens), np.asarray(prep.valid.tokens))
@@ -202,3 +203,88 @@ def test_sampler_permutes_each_epoch_and_resumes_from_position():
     resumed = EpochSampler(50, seed=3, position=b.position)
     assert np.array_equal(np.concatenate([resumed.take(7) for _ in range(19)]), stream[77:])
     assert EpochSampler(50, seed=4).take(50).tolist() != first.tolist()
+
+
+# -- shards: extending, resuming, parallel workers, Parquet and datasets inputs -----------------------------
+
+
+def shard_docs(tmp_path, n_files=3):
+    texts = scenes(30)
+    paths = []
+    for i in range(n_files):
+        p = tmp_path / f"part{i}.txt"
+        p.write_text("\n\n".join(" ".join(t.split()) for t in texts[i * 10:(i + 1) * 10]) + "\n")
+        paths.append(p)
+    return paths
+
+
+def test_adding_a_file_tokenises_only_that_file(tmp_path, monkeypatch):
+    a, b, c = shard_docs(tmp_path)
+    tok = Tokenizer.train_wordpiece(scenes(30), 300)
+    first = prepare(cfg_for([a, b], workers=1), tokenizer=tok, log=quiet)
+    calls = []
+    real = data_mod._write_shard
+    monkeypatch.setattr(data_mod, "_write_shard", lambda folder, unit, *r, **k: calls.append(unit.name) or real(folder, unit, *r, **k))
+    more = prepare(cfg_for([a, b, c], workers=1), tokenizer=tok, log=quiet)
+    assert calls == [str(c)]
+    n = lambda p: p.meta["train"]["tokens"] + p.meta["valid"]["tokens"]  # noqa: E731
+    assert n(more) > n(first)
+    # the old shards are the same files: the first two inputs' tokens lead the new stream unchanged
+    old_train = np.asarray(first.train.tokens)
+    assert np.array_equal(np.asarray(more.train.tokens)[: len(old_train)], old_train)
+
+
+def test_an_interrupted_preparation_keeps_its_finished_shards(tmp_path, monkeypatch):
+    from maskedlm import corpus
+
+    a, b, c = shard_docs(tmp_path)
+    tok = Tokenizer.train_wordpiece(scenes(30), 300)
+    real = corpus.unit_pieces
+
+    def failing(unit, cfg, stats):
+        if unit.name == str(b):
+            raise UserError("disk went away")
+        return real(unit, cfg, stats)
+
+    monkeypatch.setattr(corpus, "unit_pieces", failing)
+    with pytest.raises(UserError, match="disk went away"):
+        prepare(cfg_for([a, b, c], workers=1), tokenizer=tok, log=quiet)
+    monkeypatch.setattr(corpus, "unit_pieces", real)
+    calls = []
+    write = data_mod._write_shard
+    monkeypatch.setattr(data_mod, "_write_shard", lambda folder, unit, *r, **k: calls.append(unit.name) or write(folder, unit, *r, **k))
+    prepare(cfg_for([a, b, c], workers=1), tokenizer=tok, log=quiet)
+    assert calls == [str(b), str(c)]  # a was done before the failure
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_data(tmp_path):
+    paths = shard_docs(tmp_path)
+    tok = Tokenizer.train_wordpiece(scenes(30), 300)
+    one = prepare(cfg_for(paths, workers=1, cache_dir=str(tmp_path / "c1")), tokenizer=tok, log=quiet)
+    many = prepare(cfg_for(paths, workers=3, cache_dir=str(tmp_path / "c3")), tokenizer=tok, log=quiet)
+    for split in ("train", "valid"):
+        a, b = getattr(one, split), getattr(many, split)
+        assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        assert np.array_equal(a.doc_offsets, b.doc_offsets) and np.array_equal(a.sentences, b.sentences)
+
+
+def test_parquet_and_datasets_inputs(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    texts = [" ".join(t.split()) for t in scenes(12)]
+    pq.write_table(pa.table({"body": texts, "n": list(range(12))}), tmp_path / "c.parquet")
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    tok = Tokenizer.train_wordpiece(texts, 300)
+    ref = prepare(cfg_for([tmp_path / "c.jsonl"], text_field="body"), tokenizer=tok, log=quiet)
+    for path in [tmp_path / "c.parquet", tmp_path / "ds"]:
+        got = prepare(cfg_for([path], text_field="body"), tokenizer=tok, log=quiet)
+        assert np.array_equal(np.asarray(got.train.tokens), np.asarray(ref.train.tokens)), path
+        assert got.meta["train"]["documents"] + got.meta["valid"]["documents"] == 12
+    with pytest.raises(UserError, match=r"no column 'text' \(columns: body, n\); set --text-field"):
+        prepare(cfg_for([tmp_path / "c.parquet"]), tokenizer=tok, log=quiet)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UserError, match=r"a datasets DatasetDict \(splits: train\); give one split's folder"):
+        prepare(cfg_for([tmp_path / "dd"], text_field="body"), tokenizer=tok, log=quiet)

@@ -9,7 +9,8 @@ import torch
 from maskedlm import Config, DataConfig, Tokenizer, UserError, pretrain
 from maskedlm.config import parse_seq_len_schedule
 from maskedlm.corpus import split_sentences
-from maskedlm.data import PairSource, prepare
+from maskedlm.batches import PairSource
+from maskedlm.data import prepare
 from maskedlm.masking import IGNORE_INDEX, MaskSpec, select_spans, select_whole_words, span_length_probs, word_starts
 
 from .conftest import scenes, tiny_config

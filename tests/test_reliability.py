@@ -277,7 +277,8 @@ def test_nonfinite_steps_are_skipped_then_abort_names_the_last_checkpoint(tmp_pa
 def test_token_id_outside_the_vocabulary_is_an_error_before_the_embedding(tmp_path):
     import numpy as np
 
-    from maskedlm.data import BatchLoader, PackedSequences, PackedSource, Split
+    from maskedlm.batches import BatchLoader, PackedSequences, PackedSource
+    from maskedlm.data import Split
     from maskedlm.tokenizer import SpecialIds
 
     stream = np.arange(5, 5 + 600, dtype=np.uint16)

@@ -5,21 +5,33 @@ The public API:
     BertForPreTraining the model; ModelConfig its shape
     Config             the typed run configuration (model, data, mask, train)
     pretrain           run pre-training from a Config
-    load               `model, tokenizer = load(RUN)`
+    load               `model, tokenizer = load(RUN)` (a run folder or a Hugging Face BERT folder)
     fill_mask          top-k predictions for [MASK] tokens
     Tokenizer          WordPiece / character-level / file tokenizers
+
+Names are imported on first use, so that `maskedlm.data` (data preparation, also in worker processes)
+does not pay for importing PyTorch.
 """
 
 __version__ = "0.1.0"
 
-from .checkpoint import load
-from .config import Config, DataConfig, MaskConfig, ModelConfig, TrainConfig
-from .errors import UserError
-from .fill_mask import fill_mask
-from .masking import mask_tokens
-from .model import BertForPreTraining
-from .tokenizer import Tokenizer
-from .train import pretrain
+_EXPORTS = {
+    "load": "checkpoint", "Config": "config", "DataConfig": "config", "MaskConfig": "config",
+    "ModelConfig": "config", "TrainConfig": "config", "UserError": "errors", "fill_mask": "fill_mask",
+    "mask_tokens": "masking", "BertForPreTraining": "model", "Tokenizer": "tokenizer", "pretrain": "train",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["BertForPreTraining", "Config", "DataConfig", "MaskConfig", "ModelConfig", "TrainConfig", "Tokenizer",
-           "UserError", "fill_mask", "load", "mask_tokens", "pretrain", "__version__"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'maskedlm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -85,13 +85,18 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def load(run: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPreTraining, Tokenizer]:
-    """`model, tokenizer = maskedlm.load(PATH)`: a maskedlm run folder, or a Hugging Face BERT folder
-    (BertModel / BertForMaskedLM / BertForPreTraining weights and its tokenizer). Eval mode."""
+    """`model, tokenizer = maskedlm.load(PATH)`: a maskedlm run folder, a Hugging Face BERT folder
+    (BertModel / BertForMaskedLM / BertForPreTraining weights and its tokenizer), or a fine-tuned
+    classifier folder (then the model is a BertForSequenceClassification). Eval mode."""
+    from .finetune import is_classifier_folder, load_classifier
     from .hf import is_hf_folder, load_hf
 
     run = Path(run)
     if is_hf_folder(run):
         model, tokenizer, _ = load_hf(run)
+        return model.to(device), tokenizer
+    if is_classifier_folder(run):  # a fine-tuned classifier (maskedlm finetune)
+        model, tokenizer, _ = load_classifier(run)
         return model.to(device), tokenizer
     cfg = read_config(run)
     tokenizer = Tokenizer.from_file(run / TOKENIZER)

@@ -16,13 +16,13 @@ import typing
 from typing import Any, Literal
 
 from . import __version__
-from .config import Config, cli_fields, flag_name, load_config_file
+from .config import Config, FinetuneConfig, cli_fields, flag_name, load_config_file
 from .errors import UserError
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...], section_types: dict | None = None) -> None:
     groups: dict[str, Any] = {}
-    for section, f, tp in cli_fields():
+    for section, f, tp in cli_fields(section_types):
         if section not in sections:
             continue
         group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", nargs="+", metavar="PATH", help="evaluate on these files instead of the run's held-out split")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--probe", action="store_true", help="also run the genre probe (embedded corpus; trained vs random init)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("finetune", help="fine-tune a run's encoder for sequence classification (CSV or JSONL)")
+    p.add_argument("run", help="run folder, or a Hugging Face BERT folder")
+    _add_config_flags(p, ("finetune",), {"finetune": FinetuneConfig})
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run folder")
@@ -113,11 +118,32 @@ def _run(ns: argparse.Namespace) -> int:
         from .evaluate import evaluate_run
 
         res = evaluate_run(ns.run, ns.valid, device=ns.device, precision=ns.precision, log=lambda *a: print(*a, file=sys.stderr))
+        out = res.as_dict()
+        if ns.probe:
+            from .checkpoint import load
+            from .probe import genre_probe
+            from .runtime import resolve_device
+
+            dev = resolve_device(ns.device)
+            model, tok = load(ns.run, dev)
+            out["probe"] = genre_probe(model, tok, dev, log=lambda *a: None if ns.json else print(*a))
         if ns.json:
-            print(json.dumps(res.as_dict()))
+            print(json.dumps(out))
         else:
             print(f"loss {res.loss:.4f}  accuracy {res.accuracy:.2%}  perplexity {res.perplexity:.2f}  "
                   f"({res.predicted:,} predictions in {res.sequences} sequences)")
+    elif ns.command == "finetune":
+        from .finetune import finetune
+
+        fcfg = FinetuneConfig()
+        for key, value in vars(ns).items():
+            if key.startswith("finetune."):
+                setattr(fcfg, key.split(".", 1)[1], value)
+        if not fcfg.train or not fcfg.valid:
+            raise UserError("finetune needs --train FILE and --valid FILE")
+        res = finetune(ns.run, fcfg)
+        print(json.dumps({"accuracy": res.accuracy, "macro_f1": res.macro_f1, "epochs": res.epochs,
+                          "out": str(res.out_dir)}))
     elif ns.command == "export":
         from .hf import export_run
 

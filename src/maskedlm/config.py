@@ -71,7 +71,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: Optional[str] = _f("shakespeare", help="embedded corpus used when --train is not given ('shakespeare')")
-    train: list[str] = _f(factory=list, help="training text: files or folders (.txt, .md, .jsonl, optionally .gz)")
+    train: list[str] = _f(factory=list, help="training text: files or folders (.txt, .md, .jsonl, optionally .gz; .parquet; a datasets folder)")
     valid: list[str] = _f(factory=list, help="held-out text; default: a fraction of the training documents")
     valid_fraction: float = _f(0.05, help="fraction of documents held out when --valid is not given")
     doc_boundary: Literal["blank_line", "file"] = _f("blank_line", help="in .txt files, documents are separated by blank lines, or one per file")
@@ -83,6 +83,8 @@ class DataConfig:
     seq_len: int = _f(128, help="tokens per training sequence, [CLS] and [SEP] included (the final length under a schedule)")
     short_seq_prob: float = _f(0.1, help="sentence pairs: probability of a shorter random target length (BERT's)")
     cache_dir: Optional[str] = _f(None, help="where prepared data is cached (default: $MASKEDLM_CACHE or ~/.cache/maskedlm)")
+    workers: int = _f(0, help="processes tokenising inputs in parallel (0: one per CPU core)")
+    tokenizer_train_bytes: int = _f(1_000_000_000, help="characters of training text a trained tokenizer learns from (a sample of big corpora)")
 
 
 @dataclass
@@ -134,6 +136,29 @@ class TrainConfig:
     dist_timeout: float = _f(600.0, help="seconds a rank waits for its peers before the job fails (torchrun)")
     parallel: Literal["ddp", "fsdp"] = _f("ddp", help="under torchrun: replicate the model (DDP) or shard it (FSDP2, for models that do not fit one device)")
     sample: bool = _f(True, help="print held-out lines with the model's predictions at the end")
+    probe: Optional[bool] = _f(None, help="run the genre probe at the end (default: when training on the embedded corpus)")
+
+
+@dataclass
+class FinetuneConfig:
+    """`maskedlm finetune`: sequence classification on the pooled [CLS] of a pre-trained encoder."""
+
+    train: str = _f("", help="labelled training examples: a .csv (with a header) or .jsonl file")
+    valid: str = _f("", help="labelled validation examples (same columns); early stopping and the reported metrics")
+    text_col: str = _f("text", help="column with the text")
+    text_pair_col: Optional[str] = _f(None, help="column with a second text, for sentence-pair tasks")
+    label_col: str = _f("label", help="column with the label (any string or integer)")
+    max_len: int = _f(128, help="longest input in tokens ([CLS] and [SEP] included); longer ones are truncated")
+    batch_size: int = _f(32, help="examples per step")
+    lr: float = _f(5e-5, help="peak learning rate (AdamW, linear warmup and decay)")
+    epochs: int = _f(5, help="most epochs")
+    warmup_frac: float = _f(0.1, help="fraction of the steps warming the learning rate up")
+    weight_decay: float = _f(0.01, help="AdamW weight decay")
+    patience: int = _f(2, help="stop after this many epochs without a better validation accuracy")
+    dropout: float = _f(0.1, help="dropout before the classifier")
+    seed: int = _f(0, help="seed for the classifier's initialisation and the data order")
+    device: str = _f("auto", help="'auto', 'cpu', 'cuda', ...")
+    out: Optional[str] = _f(None, help="output folder (default: RUN/finetuned-<train file name>)")
 
 
 # Used when neither --max-steps nor --time-budget is given: the main job must finish in minutes.
@@ -298,10 +323,10 @@ def load_config_file(path: str | Path) -> dict:
     return data if data is not None else {}
 
 
-def cli_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+def cli_fields(sections: dict[str, type] | None = None) -> list[tuple[str, dataclasses.Field, Any]]:
     """(section, field, type) for every field exposed as a CLI flag."""
     out = []
-    for section, cls in SECTIONS.items():
+    for section, cls in (sections or SECTIONS).items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.metadata.get("cli", True):

@@ -14,6 +14,7 @@ import hashlib
 import importlib.resources
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".parquet")
 PIECE_CHARS = 1 << 20  # longest piece of a document handed on at once
 _READ_BYTES = 1 << 20  # longest read from a file at once
 
@@ -298,3 +299,141 @@ def file_pieces(files: list[Path], doc_boundary: str, text_field: str, strict: b
             yield from jsonl_pieces(f, text_field, strict, stats)
         else:
             yield from txt_pieces(f, doc_boundary, strict, stats)
+
+
+# -- Parquet and Hugging Face datasets (optional dependencies) --------------------------------------------
+
+
+def parquet_pieces(path: Path, text_field: str, stats: ReadStats) -> Iterator[Piece]:
+    """One document per row of a Parquet file's `text_field` column, read a batch of rows at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow (pip install 'maskedlm[parquet]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:160]})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); set --text-field")
+    stats.files += 1
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield from _row_pieces(value, f"{path}#{row}", f"{path}: row {row}", text_field, stats)
+
+
+def _row_pieces(value, key: str, where: str, text_field: str, stats: ReadStats) -> Iterator[Piece]:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {text_field!r} must be text, got {type(value).__name__}")
+    stats.bytes += len(value.encode("utf-8", errors="replace"))
+    if value.strip():
+        stats.documents += 1
+        for start in range(0, len(value), PIECE_CHARS):
+            yield Piece(value[start:start + PIECE_CHARS], key, final=start + PIECE_CHARS >= len(value))
+
+
+def is_hf_dataset_folder(p: Path) -> bool:
+    return p.is_dir() and (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+
+
+def hf_dataset_pieces(path: Path, text_field: str, stats: ReadStats) -> Iterator[Piece]:
+    """One document per row of a `datasets.save_to_disk` folder (memory-mapped Arrow, read in batches)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path}: reading a datasets folder needs the datasets package (pip install 'maskedlm[datasets]')") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        raise UserError(f"{path}: a DatasetDict with splits {', '.join(ds)}; give one split's folder, e.g. {path}/{next(iter(ds))}")
+    if text_field not in ds.column_names:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); set --text-field")
+    stats.files += 1
+    row = 0
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+        for value in batch[text_field]:
+            row += 1
+            yield from _row_pieces(value, f"{path}#{row}", f"{path}: row {row}", text_field, stats)
+
+
+# -- inputs as units (one shard each) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input, tokenised into one shard: a text / JSONL / Parquet file, a datasets folder, or the
+    embedded corpus. `fingerprint` is a hash of its content; `size` its bytes (for progress)."""
+
+    name: str
+    kind: str  # 'text', 'parquet', 'hf_dataset' or 'embedded'
+    fingerprint: str
+    size: int = 0
+
+
+class FingerprintCache:
+    """Content hashes of input files, remembered by (path, size, modification time): a re-run over a large,
+    unchanged corpus does not read every byte again to find its cache."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def of(self, f: Path) -> str:
+        st = f.stat()
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in self.known:
+            self.known[key] = files_fingerprint([f])
+            self.changed = True
+        return self.known[key]
+
+    def save(self) -> None:
+        if self.changed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.known))
+            os.replace(tmp, self.path)
+
+
+def units(paths: list[str], fps: FingerprintCache) -> list[Unit]:
+    """The inputs named by `paths` (files, folders of text files, datasets folders), in order."""
+    out: list[Unit] = []
+    for raw in paths:
+        p = Path(raw)
+        if is_hf_dataset_folder(p):
+            arrows = sorted(p.glob("*.arrow"))
+            fp = hashlib.sha256(("hf-dataset|" + "|".join(fps.of(a) for a in arrows)
+                                 + (p / "state.json").read_text()).encode()).hexdigest()
+            out.append(Unit(str(p), "hf_dataset", fp, sum(a.stat().st_size for a in arrows)))
+            continue
+        if p.is_dir() and (p / "dataset_dict.json").is_file():
+            splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+            raise UserError(f"{p}: a datasets DatasetDict (splits: {', '.join(splits)}); give one split's folder, e.g. {p}/{splits[0] if splits else 'train'}")
+        for f in expand_paths([raw]):
+            name = f.name[:-3] if f.name.endswith(".gz") else f.name
+            kind = "parquet" if name.endswith(".parquet") else "text"
+            out.append(Unit(str(f), kind, fps.of(f), f.stat().st_size))
+    return out
+
+
+def embedded_unit(name: str) -> Unit:
+    fp = corpus_fingerprint(name)
+    return Unit(f"embedded:{name}", "embedded", fp, 0)
+
+
+def unit_pieces(unit: Unit, cfg, stats: ReadStats) -> Iterator[Piece]:
+    """The documents of one input, in pieces. `cfg` is a DataConfig (reading settings)."""
+    if unit.kind == "embedded":
+        return shakespeare_pieces(stats)
+    if unit.kind == "parquet":
+        return parquet_pieces(Path(unit.name), cfg.text_field, stats)
+    if unit.kind == "hf_dataset":
+        return hf_dataset_pieces(Path(unit.name), cfg.text_field, stats)
+    return file_pieces([Path(unit.name)], cfg.doc_boundary, cfg.text_field, cfg.strict_utf8, stats)

@@ -14,7 +14,8 @@ import torch
 
 from .checkpoint import load, read_config
 from .config import MaskConfig
-from .data import PackedSequences, PairSource, prepare, prepare_eval
+from .batches import PackedSequences, PairSource
+from .data import prepare, prepare_eval
 from .distributed import Dist
 from .masking import MaskSpec
 from .runtime import autocast, resolve_device, resolve_precision

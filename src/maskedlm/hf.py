@@ -144,10 +144,34 @@ def _is_lowercasing(tokenizer: Tokenizer) -> bool:
     return bool(norm.get("lowercase", False))
 
 
-def export_run(run: str | Path, out: str | Path) -> Path:
-    """Export a run folder (see `export_model`)."""
-    from .checkpoint import load, read_config
+def export_classifier(model, tokenizer: Tokenizer, labels: list[str], out: str | Path, *,
+                      lowercase: bool | None = None) -> Path:
+    """Write a fine-tuned classifier as a transformers `BertForSequenceClassification` folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    names = {**key_map(cfg.num_layers), "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+    state = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    config = hf_config(cfg, "BertForSequenceClassification")
+    config.update(id2label={str(i): label for i, label in enumerate(labels)},
+                  label2id={label: i for i, label in enumerate(labels)},
+                  classifier_dropout=model.dropout.p, problem_type="single_label_classification")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_hf_tokenizer(tokenizer, out, max_length=cfg.max_position, lowercase=lowercase)
+    return out
 
+
+def export_run(run: str | Path, out: str | Path) -> Path:
+    """Export a run folder (see `export_model`), or a fine-tuned classifier (see `export_classifier`)."""
+    from .checkpoint import load, read_config
+    from .finetune import is_classifier_folder, load_classifier
+
+    if is_classifier_folder(run):
+        model, tokenizer, labels = load_classifier(run)
+        return export_classifier(model, tokenizer, labels, out)
     cfg = read_config(Path(run))
     model, tokenizer = load(run)
     return export_model(model, tokenizer, out, nsp=_trained_nsp(cfg), lowercase=cfg.data.lowercase

@@ -301,3 +301,23 @@ class BertForPreTraining(nn.Module):
             e = self.bert.embeddings
             n -= e.word.weight.numel() + e.position.weight.numel() + e.token_type.weight.numel()
         return n
+
+
+class BertForSequenceClassification(nn.Module):
+    """The encoder, its pooler, dropout and a linear classifier on the pooled [CLS] (Hugging Face's
+    `BertForSequenceClassification`, parameter for parameter)."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.config, self.num_labels = cfg, num_labels
+        self.bert = Encoder(cfg)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=cfg.init_std)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, num_labels) logits."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        return self.classifier(self.dropout(self.bert.pool(hidden)))

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, MaskConfig, TrainConfig, parse_batch_ramp
-from .data import Batch, BatchLoader, PackedSequences, PackedSource, PairSource, prepare
+from .batches import Batch, BatchLoader, PackedSequences, PackedSource, PairSource
+from .data import prepare
 from .errors import UserError
 from .evaluate import EvalResult, Evaluator
 from .flops import matmul_peak, train_flops
@@ -670,12 +671,19 @@ class _Run:
             model = BertForPreTraining(cfg.model)
             if self.dist.is_main:
                 model.load_state_dict(weights)
+        probe = None
         if self.dist.is_main:
             checkpoint.save_weights(model, self.run_dir / checkpoint.WEIGHTS)
             export_model(model, self.tok, self.run_dir / "hf", nsp=self.pairs is not None,
                          lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
+            if t.probe or (t.probe is None and not cfg.data.train and cfg.data.corpus == "shakespeare"):
+                from .probe import genre_probe
+
+                plain = model if next(model.parameters()).device == self.device else model.to(self.device)
+                probe = genre_probe(plain, self.tok, self.device, seed=t.seed, log=self.log)
             checkpoint.atomic_write_text(self.run_dir / "eval.json", json.dumps(
-                {"step": state.step, **last_eval.as_dict(), "train_state": asdict(state)}, indent=2) + "\n")
+                {"step": state.step, **last_eval.as_dict(), "train_state": asdict(state),
+                 **({"probe": probe} if probe else {})}, indent=2) + "\n")
         self.log(f"done: {state.step} steps, {state.tokens:,} tokens in {state.elapsed:.0f}s ({tps / 1e3:.1f}k tokens/s)"
                  + (f"; {state.skipped_steps} step(s) skipped (non-finite)" if state.skipped_steps else ""))
         nsp = f", {t.objective[4:].upper()} accuracy {last_eval.nsp_accuracy:.1%}" if last_eval.nsp_accuracy is not None else ""
