@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "checkpoint", "Config": "config", "DataConfig": "config", "MaskConfig": "config",
-    "ModelConfig": "config", "TrainConfig": "config", "UserError": "errors", "fill_mask": "fill_mask",
+    "ModelConfig": "config", "TrainConfig": "config", "UserError": "errors", "fill_mask": "fill",
     "mask_tokens": "masking", "BertForPreTraining": "model", "Tokenizer": "tokenizer", "pretrain": "train",
 }
 __all__ = [*_EXPORTS, "__version__"]

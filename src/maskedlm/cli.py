@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder, or a Hugging Face BERT folder")
     _add_config_flags(p, ("finetune",), {"finetune": FinetuneConfig})
 
+    p = sub.add_parser("serve", help="a local web page: fill-mask, live training curves, masked predictions")
+    p.add_argument("run", help="run folder (it may still be training), or a Hugging Face BERT folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("plot", help="draw a run's curves as a PNG (needs matplotlib)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", help="PNG path (default: RUN/metrics.png)")
+
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
@@ -148,9 +158,17 @@ def _run(ns: argparse.Namespace) -> int:
         from .hf import export_run
 
         print(f"wrote {export_run(ns.run, ns.out)}")
+    elif ns.command == "serve":
+        from .serve import serve
+
+        serve(ns.run, ns.host, ns.port, ns.device)
+    elif ns.command == "plot":
+        from .plots import plot_metrics
+
+        print(f"wrote {plot_metrics(ns.run, ns.out)}")
     elif ns.command == "fill":
         from .checkpoint import load
-        from .fill_mask import fill_mask
+        from .fill import fill_mask
         from .runtime import resolve_device
 
         model, tok = load(ns.run, resolve_device(ns.device))

@@ -137,6 +137,8 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = _f("ddp", help="under torchrun: replicate the model (DDP) or shard it (FSDP2, for models that do not fit one device)")
     sample: bool = _f(True, help="print held-out lines with the model's predictions at the end")
     probe: Optional[bool] = _f(None, help="run the genre probe at the end (default: when training on the embedded corpus)")
+    tensorboard: bool = _f(False, help="also log metrics to TensorBoard (RUN/tensorboard; needs the tensorboard package)")
+    plot: bool = _f(True, help="draw RUN/metrics.png at the end (needs matplotlib)")
 
 
 @dataclass

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 from . import corpus
 from .config import DataConfig
 from .errors import UserError
+from .progress import Progress
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 3
@@ -377,29 +377,20 @@ def _make_shards(units: list[corpus.Unit], tok: Tokenizer, cfg: DataConfig, spli
 
 
 class _PrepareProgress:
-    """Bytes and tokens per second while tokenising: a bar on a terminal, a line every 30 s otherwise."""
+    """Bytes and tokens per second while tokenising (a bar on a terminal, a line every 30 s otherwise)."""
 
     def __init__(self, total_bytes: int, shards: int, log):
-        from tqdm import tqdm
-
-        self.tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc="tokenising", file=sys.stderr,
-                        disable=not self.tty)
-        self.t0 = self.last = time.time()
+        self.bar = Progress(total_bytes or None, "tokenising", unit="B", unit_scale=True)
+        self.t0 = time.time()
         self.bytes = self.tokens = self.done = 0
-        self.shards, self.log = shards, log
+        self.shards = shards
 
     def add(self, nbytes: int, tokens: int) -> None:
         self.bytes += nbytes
         self.tokens += tokens
-        self.bar.update(nbytes)
         secs = max(time.time() - self.t0, 1e-9)
-        rate = f"{self.bytes / secs / 1e6:.1f} MB/s, {self.tokens / secs / 1e6:.2f}M tokens/s"
-        self.bar.set_postfix_str(f"{rate}, input {self.done}/{self.shards}")
-        if not self.tty and time.time() - self.last > 30:
-            print(f"tokenising: {self.bytes / 1e6:,.0f} MB, {rate}, input {self.done}/{self.shards}",
-                  file=sys.stderr, flush=True)
-            self.last = time.time()
+        self.bar.update(nbytes, f"{self.bytes / secs / 1e6:.1f} MB/s, {self.tokens / secs / 1e6:.2f}M tokens/s, "
+                                f"input {self.done}/{self.shards}")
 
     def shard_done(self) -> None:
         self.done += 1

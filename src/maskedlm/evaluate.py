@@ -18,6 +18,7 @@ from .batches import PackedSequences, PairSource
 from .data import prepare, prepare_eval
 from .distributed import Dist
 from .masking import MaskSpec
+from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -65,7 +66,8 @@ class Evaluator:
             self.pairs = len(rows)
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> EvalResult:
+    def __call__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
+                 progress: Progress | None = None) -> EvalResult:
         was_training = model.training
         model.eval()
         # Under torchrun each rank takes every world-th batch; the sums are all-reduced.
@@ -78,6 +80,8 @@ class Evaluator:
             sums[0] += out.loss_sum.double()
             sums[1] += out.num_predicted
             sums[2] += out.correct
+            if progress:
+                progress.update(1)
         for b in self.pair_batches[rank::world]:
             with autocast(device, amp_dtype):
                 out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
@@ -85,6 +89,8 @@ class Evaluator:
             logits, target = out.nsp_logits.float(), b["nsp_labels"].to(device)
             sums[3] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
             sums[4] += (logits.argmax(-1) == target).sum()
+            if progress:
+                progress.update(1)
         loss_sum, count, correct, nsp_sum, nsp_correct = self.dist.all_reduce(sums).tolist()
         n = max(int(count), 1)
         loss = loss_sum / n
@@ -110,4 +116,8 @@ def evaluate_run(run: str | Path, valid: list[str] | None = None, device: str = 
     pairs = (PairSource(split, cfg.data.seq_len, tokenizer.special, pair_objective, cfg.train.eval_seed,
                         short_seq_prob=cfg.data.short_seq_prob) if pair_objective else None)
     evaluator = Evaluator(seqs, tokenizer, cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed, pairs=pairs)
-    return evaluator(model, dev, resolve_precision(precision, dev))
+    bar = Progress(len(evaluator.batches) + len(evaluator.pair_batches), "evaluating", unit="batch")
+    try:
+        return evaluator(model, dev, resolve_precision(precision, dev), progress=bar)
+    finally:
+        bar.close()

@@ -23,6 +23,7 @@ from . import checkpoint
 from .config import FinetuneConfig, ModelConfig
 from .errors import UserError
 from .model import BertForSequenceClassification
+from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -137,7 +138,8 @@ class FinetuneResult:
 
 
 def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train: tuple[list, list[int]],
-                     valid: tuple[list, list[int]], cfg: FinetuneConfig, device, log=print) -> FinetuneResult:
+                     valid: tuple[list, list[int]], cfg: FinetuneConfig, device, log=print,
+                     progress: bool | None = None) -> FinetuneResult:
     """Fine-tune `model` in place on encoded (examples, label ids); keeps the best epoch's weights."""
     amp = resolve_precision("auto", device)
     torch.manual_seed(cfg.seed)
@@ -154,6 +156,7 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     pad = tok.special.pad
     best, best_state, history, stale = -1.0, None, [], 0
+    bar = Progress(total, "fine-tuning", unit="step", enabled=progress)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = list(range(len(train[1])))
@@ -169,6 +172,7 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
             sched.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach()) * len(y)
+            bar.update(1, f"epoch {epoch} loss {float(loss.detach()):.4f}")
         pred = predict(model, valid[0], cfg.batch_size, pad, device, amp)
         acc, f1 = classification_metrics(pred, valid[1], model.num_labels)
         history.append({"epoch": epoch, "train_loss": loss_sum / len(train[1]), "valid_accuracy": acc, "valid_macro_f1": f1})
@@ -180,6 +184,7 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
             stale += 1
             if stale >= cfg.patience:
                 break
+    bar.close()
     model.load_state_dict(best_state)
     best_epoch = max(history, key=lambda h: h["valid_accuracy"])
     return FinetuneResult(best_epoch["valid_accuracy"], best_epoch["valid_macro_f1"], len(history), None, history)

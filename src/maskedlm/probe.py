@@ -130,7 +130,8 @@ def genre_probe(model: BertForPreTraining, tok: Tokenizer, device: torch.device,
             va, tr = order[:cut], order[cut:]
             cfg = FinetuneConfig(epochs=finetune_epochs, patience=finetune_epochs, lr=5e-5, batch_size=32, seed=seed)
             train_classifier(clf, tok, ([train[0][i] for i in tr], [train[1][i] for i in tr]),
-                             ([train[0][i] for i in va], [train[1][i] for i in va]), cfg, device, log=lambda *a: None)
+                             ([train[0][i] for i in va], [train[1][i] for i in va]), cfg, device, log=lambda *a: None,
+                             progress=False)
             pred = predict(clf, test[0], 64, pad, device, amp)
             acc_ft, f1_ft = classification_metrics(pred, test[1], len(genres))
             entry["finetuned"] = {"accuracy": acc_ft, "macro_f1": f1_ft, "epochs": finetune_epochs}

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, MaskConfig, TrainConfig, parse_batch_ramp
@@ -31,12 +30,13 @@ from .errors import UserError
 from .evaluate import EvalResult, Evaluator
 from .flops import matmul_peak, train_flops
 from .hf import export_model
-from .fill_mask import sample_view
+from .fill import sample_view
 from .masking import MaskSpec
 from . import distributed
 from .distributed import Dist
 from .model import BertForPreTraining, Output
 from .optim import Lamb
+from .progress import Progress
 from .runtime import resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -269,28 +269,6 @@ def new_run_dir(out: str | None) -> Path:
             path, n = base.with_name(f"{base.name}-{n}"), n + 1
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class _Progress:
-    """A progress bar on a terminal; a plain line every 30 s otherwise (logs stay readable)."""
-
-    def __init__(self, enabled: bool | None):
-        self.tty = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(total=1000, bar_format="{percentage:3.0f}%|{bar:24}| {postfix}", file=sys.stderr,
-                        leave=True) if self.tty else None
-        self.last_line = time.time()
-
-    def update(self, p: float, text: str) -> None:
-        if self.bar is not None:
-            self.bar.n = int(1000 * min(p, 1.0))
-            self.bar.set_postfix_str(text, refresh=True)
-        elif time.time() - self.last_line > 30:
-            print(f"[{100 * min(p, 1.0):3.0f}%] {text}", file=sys.stderr, flush=True)
-            self.last_line = time.time()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # Settings that change what a run computes: a resume that changes them is refused unless allowed.
@@ -577,7 +555,14 @@ class _Run:
         # MFU against this machine's measured matmul peak in the training precision (maskedlm/flops.py).
         self.peak = matmul_peak(self.device.type, self.amp_dtype or torch.float32) * d.world
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if d.is_main else None
-        bar = _Progress(self.progress_bar)
+        self.tb = None
+        if t.tensorboard and d.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        bar = Progress(1000, "training", enabled=self.progress_bar)
         window = _Window()
         last_eval: EvalResult | None = None
         last_save_time = time.time()
@@ -628,8 +613,8 @@ class _Run:
                     self.record(entry)
                     p = progress(state, t)
                     eta = state.elapsed * (1 - p) / max(p, 1e-9)
-                    bar.update(p, f"step {state.step} loss {entry['loss']:.3f} {entry['tokens_per_s'] / 1e3:.1f}k tok/s "
-                                  f"MFU {entry['mfu']:.0%} ETA {eta:.0f}s")
+                    bar.set(int(1000 * min(p, 1.0)), f"step {state.step} loss {entry['loss']:.3f} "
+                                                     f"{entry['tokens_per_s'] / 1e3:.1f}k tok/s MFU {entry['mfu']:.0%} ETA {eta:.0f}s")
                     window = _Window()
                 if (t.eval_every and state.step % t.eval_every == 0) or done:
                     last_eval = self.evaluator(self.model, self.device, self.amp_dtype)
@@ -652,6 +637,8 @@ class _Run:
             bar.close()
             if self.metrics:
                 self.metrics.close()
+            if self.tb is not None:
+                self.tb.close()
         if last_eval is None:  # resumed a run that had already finished
             last_eval = self.evaluator(self.model, self.device, self.amp_dtype)
         return self.finish(last_eval)
@@ -660,6 +647,12 @@ class _Run:
         if self.metrics:
             self.metrics.write(json.dumps(entry) + "\n")
             self.metrics.flush()
+        if self.tb is not None:
+            prefix = "valid/" if entry.get("split") == "valid" else "train/"
+            for k, v in entry.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(prefix + k, v, entry["step"])
+            self.tb.flush()
 
     def finish(self, last_eval: EvalResult) -> RunResult:
         state, t, cfg = self.state, self.t, self.cfg
@@ -689,6 +682,13 @@ class _Run:
         nsp = f", {t.objective[4:].upper()} accuracy {last_eval.nsp_accuracy:.1%}" if last_eval.nsp_accuracy is not None else ""
         self.log(f"held-out: loss {last_eval.loss:.3f}, masked-token accuracy {last_eval.accuracy:.1%}, "
                  f"perplexity {last_eval.perplexity:.1f} ({last_eval.predicted:,} predictions){nsp}")
+        if t.plot and self.dist.is_main:
+            from .plots import plot_metrics
+
+            try:
+                self.log(f"curves: {plot_metrics(self.run_dir)}")
+            except UserError as e:
+                self.log(f"note: no plot ({e})")
         if t.sample and self.dist.is_main:
             model.eval()
             self.log(sample_view(model, self.tok, self.data.valid.tokens, mask_prob=cfg.mask.mask_prob,
