@@ -39,6 +39,7 @@ def run(budget: float, seed: int, schedule: str | None, objective: str, eval_eve
     cfg.train.checkpoint_every = 0
     cfg.train.checkpoint_minutes = 0
     cfg.train.sample = False
+    cfg.train.probe = False  # the genre probe is not what is measured here
     cfg.train.out = str(workdir / f"{objective}-{schedule or 'fixed'}-{seed}".replace(":", "_").replace(",", "_"))
     res = pretrain(cfg, log=lambda *a: None, progress_bar=False)
     evals = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()

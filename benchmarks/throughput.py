@@ -103,6 +103,10 @@ ABLATIONS = ["dense-head", "unfused-ce", "sdpa-attention", "autocast", "foreach-
 def make_ours(cfg: ModelConfig, device: torch.device, amp, *, variant: str = "full"):
     torch.manual_seed(0)
     model = BertForPreTraining(cfg).to(device).train()
+    if variant == "no-bias":  # a candidate, not an option: Q/K/V/output and FFN linears without biases
+        for m in model.bert.layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.bias = None
     t = TrainConfig()
     if variant == "foreach-adamw":
         opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=1e-4, foreach=True)
@@ -229,6 +233,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ablations", action="store_true", help="also time our step with each technique off")
     ap.add_argument("--with-compile", action="store_true", help="also time our step with --compile")
+    ap.add_argument("--no-bias", action="store_true",
+                    help="also time our step with the encoder's linear layers bias-free (a candidate technique)")
     ap.add_argument("--pretrain-steps", type=int, default=0,
                     help="also run `maskedlm pretrain` for this many steps per shape and report its logged tokens/s")
     ap.add_argument("--peer-attn", nargs="+", default=["sdpa", "eager"])
@@ -259,6 +265,8 @@ def main(argv=None) -> dict:
                     fns[f"maskedlm {v}"] = make_ours(cfg, device, amp, variant=v)
             if args.with_compile or args.ablations:
                 fns["maskedlm +compile"] = make_ours(cfg, device, amp, variant="compile")
+            if args.no_bias:
+                fns["maskedlm +no-bias"] = make_ours(cfg, device, amp, variant="no-bias")
             res = bench(fns, data, device, args.reps, args.warmup)
             tokens = args.batch * seq
             peer = min((k for k in res if k.startswith("transformers")), key=lambda k: res[k]["median_s"])

@@ -118,6 +118,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peer-attn", default="eager")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vocab-size", type=int, default=8192, help="WordPiece vocabulary (maskedlm's default 8192; BERT's 30522)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/time_to_quality"))
     args = ap.parse_args(argv)
 
@@ -125,6 +126,7 @@ def main(argv=None):
     cfg = Config()
     cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
     cfg.train.lr = args.lr
+    cfg.data.vocab_size = args.vocab_size
     amp = torch.bfloat16
     train, evaluator, spec, ours, hf = build(cfg, device, args.peer_attn)
     print(f"# {datetime.date.today()} {platform.node()} {device}: mini, vocab {cfg.model.vocab_size}, seq {cfg.data.seq_len}, "
