@@ -40,14 +40,18 @@ def run(budget: float, seed: int, schedule: str | None, objective: str, eval_eve
     cfg.train.checkpoint_minutes = 0
     cfg.train.sample = False
     cfg.train.probe = False  # the genre probe is not what is measured here
-    cfg.train.out = str(workdir / f"{objective}-{schedule or 'fixed'}-{seed}".replace(":", "_").replace(",", "_"))
-    res = pretrain(cfg, log=lambda *a: None, progress_bar=False)
-    evals = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"split"' in line]
-    return {"seed": seed, "schedule": schedule, "objective": objective, "steps": res.steps,
-            "final": res.eval.as_dict(), "curve": [{k: e[k] for k in ("elapsed", "step", "loss", "accuracy")
-                                                    if k in e} | ({"nsp_accuracy": e["nsp_accuracy"]}
-                                                                  if "nsp_accuracy" in e else {}) for e in evals]}
+    run_dir = workdir / f"{objective}-{schedule or 'fixed'}-{seed}".replace(":", "_").replace(",", "_")
+    # A finished run in --workdir (same settings, same folder name) is read back instead of trained again:
+    # the mlm baseline of the NSP comparison is the fixed-128 run, and an interrupted benchmark continues.
+    if not (run_dir / "eval.json").is_file():
+        cfg.train.out = str(run_dir)
+        pretrain(cfg, log=lambda *a: None, progress_bar=False)
+    final = json.loads((run_dir / "eval.json").read_text())
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"split"' in line]
+    return {"seed": seed, "schedule": schedule, "objective": objective, "steps": final["step"],
+            "final": {k: v for k, v in final.items() if k not in ("train_state", "probe")},
+            "curve": [{k: e[k] for k in ("elapsed", "step", "loss", "accuracy", "nsp_accuracy") if k in e}
+                      for e in evals]}
 
 
 def summarise(runs: list[dict], key: str) -> dict:
@@ -62,8 +66,10 @@ def main(argv=None):
     ap.add_argument("--nsp-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/curriculum"))
+    ap.add_argument("--workdir", type=Path, help="run folders; finished runs found here are reused (default: a new temporary folder)")
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="maskedlm-curriculum-"))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="maskedlm-curriculum-"))
+    work.mkdir(parents=True, exist_ok=True)
     out = {"date": datetime.date.today().isoformat(), "machine": platform.node(), "budget_s": args.budget,
            "schedules": {}, "nsp": {}}
     for name, schedule in SCHEDULES.items():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,11 +30,11 @@ def chars():
     return Tokenizer.train_char(scenes(30))
 
 
-def our_model(tok: Tokenizer, seed=0) -> BertForPreTraining:
+def our_model(tok: Tokenizer, seed=0, linear_bias=True) -> BertForPreTraining:
     torch.manual_seed(seed)
     cfg = ModelConfig(preset=None, num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
                       vocab_size=tok.vocab_size, pad_token_id=tok.special.pad, hidden_dropout=0.0,
-                      attention_dropout=0.0)
+                      attention_dropout=0.0, linear_bias=linear_bias)
     model = BertForPreTraining(cfg).eval()
     with torch.no_grad():  # non-trivial biases and norms, so a wrong map cannot pass
         for p in model.parameters():
@@ -53,10 +54,14 @@ def random_batch(vocab: int, B=3, T=20):
     return ids, types, attn
 
 
-@pytest.mark.parametrize("nsp", [False, True])
-def test_export_loads_in_transformers_with_equal_logits(tmp_path, wordpiece, nsp):
-    model = our_model(wordpiece)
+@pytest.mark.parametrize("nsp,linear_bias", [(False, True), (True, True), (False, False)])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, wordpiece, nsp, linear_bias):
+    model = our_model(wordpiece, linear_bias=linear_bias)
     export_model(model, wordpiece, tmp_path, nsp=nsp, lowercase=True)
+    if not linear_bias:  # a bias-free model exports with explicit zero biases in BERT's layout
+        assert model.bert.layers[1].ffn_in.bias is None and model.bert.layers[1].attn.query.bias is None
+        exported = load_file(str(tmp_path / "model.safetensors"))
+        assert torch.equal(exported["bert.encoder.layer.1.intermediate.dense.bias"], torch.zeros(128))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["BertForPreTraining" if nsp else "BertForMaskedLM"]
     ids, types, attn = random_batch(wordpiece.vocab_size)

@@ -29,6 +29,18 @@ def test_output_shapes():
     assert out.loss_sum is None
 
 
+def test_linear_bias_off_drops_exactly_the_block_linear_biases():
+    with_bias = BertForPreTraining(small_config())
+    without = BertForPreTraining(small_config(linear_bias=False))
+    gone = set(with_bias.state_dict()) - set(without.state_dict())
+    linears = ("attn.query", "attn.key", "attn.value", "attn.out", "ffn_in", "ffn_out")
+    assert gone == {f"bert.layers.{i}.{n}.bias" for i in range(2) for n in linears}
+    assert set(without.state_dict()) < set(with_bias.state_dict())
+    assert with_bias.num_parameters() - without.num_parameters() == 2 * (4 * 64 + 128 + 64)
+    out = without(torch.randint(5, 97, (2, 16)), nsp=True)
+    assert out.logits.shape == (2, 16, 97) and torch.isfinite(out.logits).all()
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_have_google_shapes(name):
     cfg = ModelConfig()

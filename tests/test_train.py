@@ -54,6 +54,17 @@ def test_run_folder_contents(tmp_path, corpus_dir):
     assert not model.training and tok.vocab_size == 300
 
 
+def test_a_bias_free_model_trains_saves_and_loads(tmp_path, corpus_dir):
+    cfg = tiny_config(tmp_path, [str(corpus_dir)], max_steps=4)
+    cfg.model.linear_bias = False
+    res = pretrain(cfg, log=quiet, progress_bar=False)
+    saved = json.loads((res.run_dir / "config.json").read_text())
+    assert saved["model"]["linear_bias"] is False
+    model, _ = load(res.run_dir)
+    assert model.bert.layers[0].ffn_in.bias is None
+    assert math.isfinite(res.eval.loss)
+
+
 def test_same_seed_same_losses_and_different_seed_differs(tmp_path, corpus_dir):
     def losses(name, seed):
         cfg = tiny_config(tmp_path / name, [str(corpus_dir)], max_steps=4, log_every=1, seed=seed, precision="fp32")

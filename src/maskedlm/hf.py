@@ -77,6 +77,19 @@ def key_map(num_layers: int) -> dict[str, str]:
 # -- export -----------------------------------------------------------------------------------------------
 
 
+def hf_state(model: torch.nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Our fp32 weights under their names, for the keys of `names` the model has. A model trained without
+    the blocks' linear biases (`linear_bias=False`) gets explicit zero biases: BERT's layout, same outputs."""
+    state = model.state_dict()
+    out = {}
+    for ours, theirs in names.items():
+        if ours in state:
+            out[theirs] = state[ours].detach().to("cpu", torch.float32).contiguous()
+        elif ours.startswith("bert.layers.") and ours.endswith(".bias"):
+            out[theirs] = torch.zeros(state[ours.removesuffix("bias") + "weight"].shape[0])
+    return out
+
+
 def hf_config(cfg: ModelConfig, architecture: str) -> dict:
     return {
         "architectures": [architecture],
@@ -110,10 +123,8 @@ def export_model(model: BertForPreTraining, tokenizer: Tokenizer, out: str | Pat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    names = key_map(cfg.num_layers)
-    keep = set(names) - (set() if nsp else set(_POOLER) | set(_NSP_HEAD))
-    state = {names[k]: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in model.state_dict().items() if k in keep}
+    skip = set() if nsp else set(_POOLER) | set(_NSP_HEAD)
+    state = hf_state(model, {k: v for k, v in key_map(cfg.num_layers).items() if k not in skip})
     architecture = "BertForPreTraining" if nsp else "BertForMaskedLM"
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
@@ -151,7 +162,7 @@ def export_classifier(model, tokenizer: Tokenizer, labels: list[str], out: str |
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     names = {**key_map(cfg.num_layers), "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
-    state = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = hf_state(model, names)
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")

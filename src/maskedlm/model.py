@@ -58,8 +58,9 @@ class SelfAttention(nn.Module):
         super().__init__()
         H = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
-        self.out = nn.Linear(H, H)
+        bias = cfg.linear_bias
+        self.query, self.key, self.value = (nn.Linear(H, H, bias=bias) for _ in range(3))
+        self.out = nn.Linear(H, H, bias=bias)
         self.dropout_p = cfg.attention_dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -98,8 +99,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = SelfAttention(cfg)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.linear_bias)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.linear_bias)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -258,7 +259,8 @@ class BertForPreTraining(nn.Module):
         std = self.config.init_std
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:  # None in the blocks under linear_bias=False
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=std)
             if m.padding_idx is not None:

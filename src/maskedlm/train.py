@@ -274,7 +274,7 @@ def new_run_dir(out: str | None) -> Path:
 # Settings that change what a run computes: a resume that changes them is refused unless allowed.
 RESUME_FIXED = {
     "model": ["num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position", "type_vocab_size",
-              "vocab_size"],
+              "vocab_size", "linear_bias"],
     "data": ["corpus", "train", "valid", "valid_fraction", "doc_boundary", "text_field", "tokenizer", "vocab_size",
              "lowercase", "seq_len"],
     "mask": ["mask_prob", "mask_token_frac", "random_token_frac"],
