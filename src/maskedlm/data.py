@@ -23,6 +23,7 @@ The streams do not depend on the sequence length, so one preparation serves ever
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -227,18 +228,17 @@ class _SplitWriter:
 
     def add(self, sentences: list[list[int]], final: bool) -> None:
         """Append a piece of a document, as token ids per sentence; `final` closes the document with [SEP]."""
-        starts, pos = [], self.num_tokens
-        for ids in sentences:
-            if ids:
-                starts.append(pos)
-                pos += len(ids)
-        flat = [i for ids in sentences for i in ids]
-        arr = np.asarray(flat + [self.sep_id] if final else flat, dtype=np.int64)
+        lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+        ends = np.cumsum(lengths)
+        starts = (self.num_tokens + ends - lengths)[lengths > 0]  # empty sentences start nothing
+        arr = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int64, count=int(ends[-1]) if len(ends) else 0)
+        if final:
+            arr = np.append(arr, self.sep_id)
         if arr.size:
             self.max_id = max(self.max_id, int(arr.max()))
             arr.astype(self.dtype).tofile(self.file)
             self.num_tokens += arr.size
-        np.asarray(starts, dtype=np.int64).tofile(self.sent_file)
+        starts.tofile(self.sent_file)
         if final:
             np.asarray([self.num_tokens], dtype=np.int64).tofile(self.idx_file)
             self.num_docs += 1
