@@ -207,7 +207,9 @@ class TrainStep:
             return None if t is None else t.chunk(self.grad_accum)[i]
 
         for i in range(self.grad_accum):
-            sync = i == self.grad_accum - 1 or not self.dist.active
+            # no_sync() only where the gradients stay in place until the last micro-batch: a bf16 compute
+            # copy's are moved into the fp32 master gradients after each one, so each must be all-reduced.
+            sync = i == self.grad_accum - 1 or not self.dist.active or self.compute is not self.model
             if self.fsdp:
                 self.runner.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or self.fsdp else self.runner.no_sync():
@@ -572,7 +574,7 @@ class _Run:
         try:
             while progress(state, t) < 1.0:
                 # Every rank stops at the same step when any of them got a signal.
-                if d.all_reduce(torch.tensor(int(flag["signal"] or 0)), "max").item():
+                if d.all_reduce(torch.tensor(int(flag["signal"] or 0), device=self.device), "max").item():
                     flag["signal"] = flag["signal"] or signal.SIGTERM
                     break
                 t0 = time.perf_counter()
