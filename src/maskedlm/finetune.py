@@ -23,6 +23,7 @@ from . import checkpoint
 from .config import FinetuneConfig, ModelConfig
 from .errors import UserError
 from .model import BertForSequenceClassification
+from .optim import param_groups
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision
 from .tokenizer import Tokenizer
@@ -145,10 +146,7 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train[1]) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_frac * total))

@@ -1,4 +1,4 @@
-"""Optimizers beyond PyTorch's: LAMB, for large global batches (NVIDIA's BERT recipe).
+"""Optimizers beyond PyTorch's: LAMB, for large global batches (NVIDIA's BERT recipe); weight-decay groups.
 
 No maintained LAMB runs on every device: apex's FusedLAMB is CUDA-only and `torch-optimizer` is
 unmaintained, so LAMB is written here, in plain PyTorch over lists of tensors.
@@ -7,6 +7,13 @@ unmaintained, so LAMB is written here, in plain PyTorch over lists of tensors.
 from __future__ import annotations
 
 import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights) only, not on biases and LayerNorms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Lamb(torch.optim.Optimizer):

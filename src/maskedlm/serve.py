@@ -59,7 +59,7 @@ class RunModel:
                 pointer.read_text().strip() if pointer.exists() else None)
 
     def refresh(self) -> None:
-        from .checkpoint import load, read_checkpoint, read_config
+        from .checkpoint import find_checkpoint, load, load_weights, read_config
         from .hf import is_hf_folder
         from .model import BertForPreTraining
         from .tokenizer import Tokenizer
@@ -73,11 +73,11 @@ class RunModel:
                 self.source = "model.safetensors"
             elif stamp[1] is not None:
                 cfg = read_config(self.run)
-                ckpt = read_checkpoint(self.run)
+                ckpt = find_checkpoint(self.run)  # only the weights: not the optimizer state and RNG files
                 model = BertForPreTraining(cfg.model)
-                model.load_state_dict(ckpt.weights)
+                load_weights(model, ckpt / "model.safetensors")
                 self.model, self.tokenizer = model.to(self.device).eval(), Tokenizer.from_file(self.run / "tokenizer.json")
-                self.source = f"checkpoint {ckpt.path.name}"
+                self.source = f"checkpoint {ckpt.name}"
             else:
                 self.model, self.source = None, None
                 if (self.run / "tokenizer.json").is_file():

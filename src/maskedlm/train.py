@@ -35,7 +35,7 @@ from .masking import MaskSpec
 from . import distributed
 from .distributed import Dist
 from .model import BertForPreTraining, Output
-from .optim import Lamb
+from .optim import Lamb, param_groups
 from .progress import Progress
 from .runtime import resolve_device, resolve_precision
 from .tokenizer import Tokenizer
@@ -71,13 +71,6 @@ def progress(state: TrainState, t: TrainConfig, ahead: int = 0) -> float:
     if t.time_budget:
         p = max(p, state.elapsed / t.time_budget)
     return p
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights) only, not on biases and LayerNorms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
