@@ -5,18 +5,19 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv
+.PHONY: demo test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-venv: $(BIN)/python
-	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[test]"
-
 # Pre-train the default model (mini, WordPiece) on the embedded Shakespeare corpus: about 6 minutes on 2 CPU cores.
-demo: venv
+# Installs only what pre-training and its end-of-run plot need.
+demo: $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[plot]"
 	$(BIN)/maskedlm pretrain
 
-test: venv
+# The test suite, with the test toolchain (transformers, datasets, pyarrow, selenium, ...).
+test: $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[test]"
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,5 @@
-"""The seed's claim, tested: does a short-to-long sequence-length curriculum train an MLM faster?
+"""A claim of labml.ai's annotated MLM page, tested: does a short-to-long sequence-length curriculum train
+an MLM faster?
 
 Same model (mini), data (the embedded corpus, fixed held-out split) and wall-clock budget for every run;
 the only difference is the schedule of sequence lengths (the batch keeps a constant number of tokens).
@@ -18,13 +19,10 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from maskedlm import Config, pretrain  # noqa: E402
+from maskedlm import Config, pretrain
 
 SCHEDULES = {"fixed 128": None, "64:0.9,128:0.1": "64:0.9,128:0.1", "ramp 32->128": "ramp:32:128:32"}
 

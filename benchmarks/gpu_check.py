@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent  # on sys.path as the script's folder: `throughput` imports from it
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), TFLOP/s.
 DATASHEET_BF16 = {"H200": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.5, "H100": 989.4, "A100": 312.0,
@@ -41,8 +39,10 @@ def check_correctness(device: torch.device, vocab: int = 30522, preset: str = "m
     from maskedlm.hf import key_map
     from maskedlm.masking import MaskSpec
     from maskedlm.model import BertForPreTraining
-    from maskedlm.train import TrainStep, make_optimizer
     from maskedlm.config import TrainConfig
+    from maskedlm.distributed import parallelize
+    from maskedlm.optim import make_optimizer
+    from maskedlm.step import TrainStep
 
     cfg = ModelConfig(vocab_size=vocab, hidden_dropout=0.0, attention_dropout=0.0)
     cfg.apply_preset(preset)
@@ -60,7 +60,7 @@ def check_correctness(device: torch.device, vocab: int = 30522, preset: str = "m
 
     t = TrainConfig()
     cpu_opt, gpu_opt = make_optimizer(cpu_model, t), make_optimizer(gpu_model, t)
-    gpu_step = TrainStep(gpu_model, gpu_opt, spec, torch.Generator(device=device), amp_dtype=torch.bfloat16)
+    gpu_step = TrainStep(parallelize(gpu_model, amp_dtype=torch.bfloat16), gpu_opt, spec, torch.Generator(device=device))
     losses = []
     for inputs, labels in batches:
         out = cpu_model(inputs, labels=labels)  # fp32 reference

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import statistics
 import sys
@@ -28,15 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-
-import maskedlm.model as model_mod  # noqa: E402
-from maskedlm.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
-from maskedlm.flops import matmul_peak, train_flops  # noqa: E402
-from maskedlm.masking import IGNORE_INDEX, MaskSpec  # noqa: E402
-from maskedlm.model import BertForPreTraining, Output  # noqa: E402
-from maskedlm.runtime import autocast  # noqa: E402
-from maskedlm.train import TrainStep, make_optimizer, param_groups  # noqa: E402
+import maskedlm.model as model_mod
+from maskedlm.config import PRESETS, ModelConfig, TrainConfig
+from maskedlm.flops import matmul_peak, train_flops
+from maskedlm.masking import IGNORE_INDEX, MaskSpec
+from maskedlm.model import BertForPreTraining, Output
+from maskedlm.runtime import autocast
+from maskedlm.distributed import parallelize
+from maskedlm.optim import make_optimizer, param_groups
+from maskedlm.step import TrainStep
 
 
 def model_config(shape: str, dropout: float) -> ModelConfig:
@@ -115,7 +114,7 @@ def make_ours(cfg: ModelConfig, device: torch.device, amp, *, variant: str = "fu
     gen = torch.Generator(device=device).manual_seed(0)
     cls = {"dense-head": DenseHeadStep, "unfused-ce": SparseUnfusedStep, "autocast": AutocastStep}.get(variant, TrainStep)
     dtype = None if variant in ("fp32", "autocast") else amp
-    step = cls(model, opt, spec, gen, amp_dtype=dtype, compile=variant == "compile")
+    step = cls(parallelize(model, amp_dtype=dtype, compile=variant == "compile"), opt, spec, gen)
     ctx = sdpa_everywhere if variant == "sdpa-attention" else contextlib.nullcontext
 
     def run(ids, _masked):

@@ -17,23 +17,23 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from maskedlm.config import Config  # noqa: E402
-from maskedlm.batches import EpochSampler, PackedSequences  # noqa: E402
-from maskedlm.data import prepare  # noqa: E402
-from maskedlm.evaluate import Evaluator  # noqa: E402
-from maskedlm.hf import key_map  # noqa: E402
-from maskedlm.masking import MaskSpec  # noqa: E402
-from maskedlm.model import BertForPreTraining  # noqa: E402
-from maskedlm.runtime import autocast  # noqa: E402
-from maskedlm.train import TrainStep, lr_factor, make_optimizer, param_groups  # noqa: E402
+from maskedlm.config import Config
+from maskedlm.batches import EpochSampler, PackedSequences
+from maskedlm.data import prepare
+from maskedlm.evaluate import Evaluator
+from maskedlm.hf import key_map
+from maskedlm.masking import MaskSpec
+from maskedlm.model import BertForPreTraining
+from maskedlm.runtime import autocast
+from maskedlm.distributed import parallelize
+from maskedlm.optim import make_optimizer, param_groups
+from maskedlm.schedules import lr_factor
+from maskedlm.step import TrainStep
 
 
 class PeerEvalAdapter(torch.nn.Module):
@@ -94,7 +94,8 @@ def train_for(name, step, model_for_eval, evaluator, train, cfg, device, amp, bu
         ids, _ = train.get(sampler.take(cfg.train.batch_size))
         ids = torch.from_numpy(ids).to(device)
         t0 = time.perf_counter()
-        step(ids, cfg.train.lr * lr_factor(elapsed / budget, cfg.train))
+        step(ids, cfg.train.lr * lr_factor(elapsed / budget, cfg.train.warmup_frac, cfg.train.schedule,
+                                                  cfg.train.min_lr_frac))
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
@@ -134,7 +135,8 @@ def main(argv=None):
 
     t = cfg.train
     gen = torch.Generator(device=device).manual_seed(t.seed)
-    our_step = TrainStep(ours, make_optimizer(ours, t), spec, gen, clip_grad=t.clip_grad, amp_dtype=amp)
+    our_par = parallelize(ours, amp_dtype=amp)
+    our_step = TrainStep(our_par, make_optimizer(ours, t), spec, gen, clip_grad=t.clip_grad)
     curve_ours = train_for("maskedlm", lambda ids, lr: our_step(ids, lr), ours, evaluator, train, cfg, device, amp,
                            args.budget, args.eval_every)
 
@@ -153,7 +155,7 @@ def main(argv=None):
         peer_opt.step()
         peer_opt.zero_grad(set_to_none=True)
 
-    curve_peer = train_for(f"transformers", peer_step, PeerEvalAdapter(hf), evaluator, train, cfg, device, amp,
+    curve_peer = train_for("transformers", peer_step, PeerEvalAdapter(hf), evaluator, train, cfg, device, amp,
                            args.budget, args.eval_every)
 
     target = curve_peer[-1]["accuracy"]

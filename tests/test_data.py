@@ -112,7 +112,7 @@ def test_long_line_is_read_in_bounded_pieces(tmp_path, monkeypatch):
     assert len(pieces) > 3 and all(len(p.text) <= 5000 + 1000 for p in pieces)
     assert [p.final for p in pieces] == [False] * (len(pieces) - 1) + [True]
     assert "".join(p.text for p in pieces) == words
-    assert stats.documents == 1
+    assert sum(p.final for p in pieces) == 1 and stats.bytes == len(words.encode())  # one document, every byte read
 
 
 @pytest.mark.parametrize("case, message", [

@@ -166,19 +166,20 @@ def test_lamb_update_rule_matches_a_reference_computation():
 
 
 def test_batch_ramp_schedule():
-    from maskedlm.train import batch_at
+    from maskedlm.config import BatchRamp
+    from maskedlm.schedules import batch_at
 
-    full = 64
+    full, ramp = 64, BatchRamp.parse("8:0.5")
+    assert (ramp.start, ramp.frac) == (8, 0.5)
     assert batch_at(0.0, full, None, 1) == 64
-    assert [batch_at(p, full, "8:0.5", 1) for p in (0.0, 0.25, 0.5, 0.9)] == [8, 36, 64, 64]
+    assert [batch_at(p, full, ramp, 1) for p in (0.0, 0.25, 0.5, 0.9)] == [8, 36, 64, 64]
     # rounded down to whole units of ranks x micro-batches, never below one unit
-    assert [batch_at(p, full, "8:0.5", 16) for p in (0.0, 0.1, 0.25, 0.5)] == [16, 16, 32, 64]
+    assert [batch_at(p, full, ramp, 16) for p in (0.0, 0.1, 0.25, 0.5)] == [16, 16, 32, 64]
     from maskedlm import UserError
-    from maskedlm.config import parse_batch_ramp
 
     for bad in ["8", "0:0.1", "8:0", "8:1.5", "a:b"]:
         with pytest.raises(UserError, match="batch_ramp"):
-            parse_batch_ramp(bad)
+            BatchRamp.parse(bad)
 
 
 def test_training_with_lamb_and_a_batch_ramp(tmp_path, corpus):
@@ -227,10 +228,10 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_as_a_plain_model(tmp_path, co
 ACCUMULATION_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from maskedlm.config import ModelConfig
-from maskedlm.distributed import Dist
+from maskedlm.distributed import Dist, parallelize
 from maskedlm.masking import MaskSpec
 from maskedlm.model import BertForPreTraining
-from maskedlm.train import TrainStep
+from maskedlm.step import TrainStep
 
 def model_and_step(d):
     torch.manual_seed(0)
@@ -238,8 +239,9 @@ def model_and_step(d):
                       hidden_dropout=0.0, attention_dropout=0.0)
     model = BertForPreTraining(cfg)
     # Plain SGD: the update is linear in the gradient, so a wrong gradient cannot hide behind Adam's scaling.
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.5), MaskSpec(4, 50, (0, 1, 2, 3, 4)),
-                     torch.Generator().manual_seed(0), grad_accum=2, amp_dtype=torch.bfloat16, dist=d)
+    par = parallelize(model, d, amp_dtype=torch.bfloat16)
+    step = TrainStep(par, torch.optim.SGD(model.parameters(), lr=0.5), MaskSpec(4, 50, (0, 1, 2, 3, 4)),
+                     torch.Generator().manual_seed(0), grad_accum=2)
     return model, step
 
 def flat(model):

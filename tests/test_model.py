@@ -151,7 +151,7 @@ def test_training_trajectory_equals_huggingface():
     """Same initial weights, batches, masks and AdamW: the per-step losses agree with transformers'."""
     transformers = pytest.importorskip("transformers")
     from maskedlm import mask_tokens
-    from maskedlm.train import param_groups
+    from maskedlm.optim import param_groups
 
     torch.manual_seed(0)
     cfg = small_config(vocab_size=50)

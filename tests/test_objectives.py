@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maskedlm import Config, DataConfig, Tokenizer, UserError, pretrain
-from maskedlm.config import parse_seq_len_schedule
+from maskedlm.config import MaskConfig, parse_seq_len_schedule
 from maskedlm.corpus import split_sentences
 from maskedlm.batches import PairSource
 from maskedlm.data import prepare
@@ -111,7 +111,7 @@ def test_pair_sequences_have_segment_ids_padding_without_labels_or_attention(pre
         assert (types[r, :seps[0] + 1] == 0).all() and (types[r, seps[0] + 1:n] == 1).all()
         assert (ids[r, n:] == sp.pad).all() and (types[r, n:] == 0).all() and (attn[r, n:] == 0).all()
     assert (attn == 0).any()  # some pairs are short
-    spec = MaskSpec(sp.mask, tok.vocab_size, sp.all(), mask_prob=0.9)
+    spec = MaskSpec(sp.mask, tok.vocab_size, sp.all(), MaskConfig(mask_prob=0.9))
     _, labels = spec(torch.from_numpy(ids), torch.Generator().manual_seed(0))
     assert (labels[torch.from_numpy(attn) == 0] == IGNORE_INDEX).all()
 

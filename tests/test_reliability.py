@@ -72,9 +72,9 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus):
 
 def pretrain_until(cfg: Config, stop_after: int) -> int:
     """Run in-process and raise out of the loop after `stop_after` steps (a crash, not a clean stop)."""
-    from maskedlm import train as train_mod
+    from maskedlm.step import TrainStep
 
-    real = train_mod.TrainStep.__call__
+    real = TrainStep.__call__
     count = {"n": 0}
 
     def counting(self, ids, lr=None):
@@ -83,12 +83,12 @@ def pretrain_until(cfg: Config, stop_after: int) -> int:
         count["n"] += 1
         return real(self, ids, lr)
 
-    train_mod.TrainStep.__call__ = counting
+    TrainStep.__call__ = counting
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             pretrain(cfg, log=quiet, progress_bar=False)
     finally:
-        train_mod.TrainStep.__call__ = real
+        TrainStep.__call__ = real
     return count["n"]
 
 
@@ -153,8 +153,8 @@ def test_checkpoints_are_complete_rotated_and_verified(tmp_path, corpus):
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-00000030", "step-00000040"]
     assert (root / "latest").read_text().strip() == "step-00000040"
     ck = read_checkpoint(res.run_dir)
-    assert ck.state["step"] == 40 and ck.state["train_state"]["data_position"] == 40 * 8
-    assert {"python", "numpy"} <= set(ck.state["rng"]) and {"rank0.torch_cpu", "mask"} <= set(ck.rng)
+    assert ck.state.step == 40 and ck.state.train_state.data_position == 40 * 8
+    assert {"python", "numpy"} <= set(ck.state.rng) and {"rank0.torch_cpu", "mask"} <= set(ck.rng)
     assert ck.optimizer and all(torch.isfinite(v).all() for v in ck.weights.values())
     # A flipped byte is found and named.
     target = root / "step-00000040" / "optimizer.safetensors"
@@ -255,9 +255,9 @@ def test_signal_finishes_the_step_checkpoints_and_exits(tmp_path, corpus, sig, c
 
 
 def test_nonfinite_steps_are_skipped_then_abort_names_the_last_checkpoint(tmp_path, corpus, monkeypatch):
-    from maskedlm import train as train_mod
+    from maskedlm.step import TrainStep
 
-    real = train_mod.TrainStep.forward
+    real = TrainStep.forward
     calls = {"n": 0}
 
     def poisoned(self, inputs, labels, *rest, **kw):
@@ -267,7 +267,7 @@ def test_nonfinite_steps_are_skipped_then_abort_names_the_last_checkpoint(tmp_pa
             out.loss_sum = out.loss_sum * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod.TrainStep, "forward", poisoned)
+    monkeypatch.setattr(TrainStep, "forward", poisoned)
     cfg = small_run_config(tmp_path, corpus, "n", max_steps=50, max_nonfinite=3)
     lines = []
     with pytest.raises(UserError, match=r"3 consecutive steps had a non-finite loss or gradient \(last: step 17\).*"
@@ -275,7 +275,7 @@ def test_nonfinite_steps_are_skipped_then_abort_names_the_last_checkpoint(tmp_pa
         pretrain(cfg, log=lines.append, progress_bar=False)
     assert sum("update skipped" in line for line in lines) == 5
     ck = read_checkpoint(tmp_path / "n")
-    assert ck.state["train_state"]["skipped_steps"] == 2  # the checkpoint of step 10 saw steps 5 and 6 skipped
+    assert ck.state.train_state.skipped_steps == 2  # the checkpoint of step 10 saw steps 5 and 6 skipped
     assert all(torch.isfinite(v).all() for v in ck.weights.values())
 
 
@@ -296,7 +296,7 @@ def test_token_id_outside_the_vocabulary_is_an_error_before_the_embedding(tmp_pa
 
 
 def test_data_prepared_with_another_tokenizer_is_refused_naming_both(tmp_path, corpus):
-    from maskedlm import DataConfig, Tokenizer
+    from maskedlm import DataConfig
     from maskedlm.data import prepare
 
     cfg = DataConfig(train=[str(corpus)], vocab_size=300)

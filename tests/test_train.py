@@ -9,7 +9,7 @@ import torch
 from maskedlm import Config, load, pretrain
 from maskedlm.config import TrainConfig
 from maskedlm.errors import UserError
-from maskedlm.train import lr_factor
+from maskedlm.schedules import lr_factor
 
 from .conftest import tiny_config
 
@@ -20,16 +20,19 @@ def quiet(*_):
 
 def test_lr_schedule_shapes():
     t = TrainConfig(warmup_frac=0.1, schedule="linear", min_lr_frac=0.0)
-    assert lr_factor(0.0, t) == 0.0
-    assert lr_factor(0.05, t) == pytest.approx(0.5)
-    assert lr_factor(0.1, t) == pytest.approx(1.0)
-    assert lr_factor(0.55, t) == pytest.approx(0.5)
-    assert lr_factor(1.0, t) == pytest.approx(0.0)
+    def f(p, t):
+        return lr_factor(p, t.warmup_frac, t.schedule, t.min_lr_frac)
+
+    assert f(0.0, t) == 0.0
+    assert f(0.05, t) == pytest.approx(0.5)
+    assert f(0.1, t) == pytest.approx(1.0)
+    assert f(0.55, t) == pytest.approx(0.5)
+    assert f(1.0, t) == pytest.approx(0.0)
     c = TrainConfig(warmup_frac=0.0, schedule="cosine", min_lr_frac=0.1)
-    assert lr_factor(0.0, c) == pytest.approx(1.0)
-    assert lr_factor(0.5, c) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_factor(1.0, c) == pytest.approx(0.1)
-    assert lr_factor(1.7, c) == pytest.approx(0.1)  # clamped
+    assert f(0.0, c) == pytest.approx(1.0)
+    assert f(0.5, c) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(1.0, c) == pytest.approx(0.1)
+    assert f(1.7, c) == pytest.approx(0.1)  # clamped
 
 
 def test_run_folder_contents(tmp_path, corpus_dir):
@@ -129,15 +132,18 @@ def test_training_learns(tmp_path):
 def _step_setup(precision, grad_accum=1):
     from maskedlm import BertForPreTraining, ModelConfig
     from maskedlm.masking import MaskSpec
-    from maskedlm.train import TrainStep, make_optimizer
+    from maskedlm.distributed import parallelize
+    from maskedlm.optim import make_optimizer
+    from maskedlm.step import TrainStep
 
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=500,
                       hidden_dropout=0.0, attention_dropout=0.0)
     model = BertForPreTraining(cfg)
     spec = MaskSpec(4, 500, (0, 1, 2, 3, 4))
-    step = TrainStep(model, make_optimizer(model, TrainConfig()), spec, torch.Generator().manual_seed(5),
-                     grad_accum=grad_accum, amp_dtype=precision)
+    par = parallelize(model, amp_dtype=precision)
+    step = TrainStep(par, make_optimizer(model, TrainConfig()), spec, torch.Generator().manual_seed(5),
+                     grad_accum=grad_accum)
     ids = torch.randint(5, 500, (8, 64), generator=torch.Generator().manual_seed(2))
     return model, spec, step, ids
 

@@ -5,7 +5,8 @@ The public API:
     BertForPreTraining the model; ModelConfig its shape
     Config             the typed run configuration (model, data, mask, train)
     pretrain           run pre-training from a Config
-    load               `model, tokenizer = load(RUN)` (a run folder or a Hugging Face BERT folder)
+    load               `model, tokenizer = load(PATH)` (a run folder, a checkpoint, a Hugging Face BERT
+                       folder or a fine-tuned classifier)
     fill_mask          top-k predictions for [MASK] tokens
     Tokenizer          WordPiece / character-level / file tokenizers
 
@@ -16,7 +17,7 @@ does not pay for importing PyTorch.
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "checkpoint", "Config": "config", "DataConfig": "config", "MaskConfig": "config",
+    "load": "loading", "Config": "config", "DataConfig": "config", "MaskConfig": "config",
     "ModelConfig": "config", "TrainConfig": "config", "UserError": "errors", "fill_mask": "fill",
     "mask_tokens": "masking", "BertForPreTraining": "model", "Tokenizer": "tokenizer", "pretrain": "train",
 }

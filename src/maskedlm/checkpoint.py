@@ -1,66 +1,61 @@
-"""Saving and loading a run folder: weights in safetensors, config and state in JSON. No pickles.
+"""Weights and training checkpoints on disk: safetensors for tensors, JSON for everything else. No pickles.
 
-A finished run folder holds:
-    model.safetensors   the weights (parameter names as in model.py)
-    config.json         the full resolved config (every field, tokenizer vocabulary filled in)
-    tokenizer.json      the tokenizer (and vocab.txt for WordPiece)
-    metrics.jsonl       one record per logged step and per evaluation
-    eval.json           the final held-out metrics
+A training checkpoint (`paths.CheckpointDir`):
+
+    RUN/checkpoints/step-00001000/
+        model.safetensors       fp32 master weights
+        optimizer.safetensors   optimizer state tensors ("state.<param index>.<name>")
+        rng.safetensors         torch CPU / CUDA generator states per rank, and the masking generator's
+        state.json              `CheckpointState`: step, run position, full config, tokenizer hash, world
+                                size, optimizer hyper-parameters, Python and NumPy RNG states
+        manifest.json           sha256 of each file above, verified on load
+    RUN/checkpoints/latest      name of the newest complete checkpoint, replaced last
+
+A checkpoint is written into a temporary folder, every file fsynced, then renamed into place; only then is
+`latest` replaced (atomically). A crash at any moment leaves either the old `latest` pointing to an intact
+checkpoint, or the new one complete.
+
+This module knows tensors and files, not models: `loading.py` builds models from folders.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+import random
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .config import Config
+from .distributed import Dist
 from .errors import UserError
-from .model import BertForPreTraining
-from .tokenizer import Tokenizer
+from .paths import CheckpointDir, RunDir, atomic_path, atomic_write, fsync
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+FORMAT = 1
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+# -- weights and config of a finished run -----------------------------------------------------------------
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
-def read_config(run: Path) -> Config:
-    if not run.is_dir():
-        raise UserError(f"no such run folder: {run}")
-    path = run / CONFIG
-    if not path.is_file():
-        raise UserError(f"{run}: not a maskedlm run folder (no {CONFIG})")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    return Config.from_dict(raw, allow_derived=True)
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    """A model's (or a state dict's) tensors as safetensors, atomically."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`; every key and shape must match, or the error names them."""
     if not path.is_file():
         raise UserError(f"{path.parent}: no weights ({path.name}); did the run finish?")
     try:
@@ -84,78 +79,117 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def load(run: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPreTraining, Tokenizer]:
-    """`model, tokenizer = maskedlm.load(PATH)`: a maskedlm run folder, a Hugging Face BERT folder
-    (BertModel / BertForMaskedLM / BertForPreTraining weights and its tokenizer), or a fine-tuned
-    classifier folder (then the model is a BertForSequenceClassification). Eval mode."""
-    from .finetune import is_classifier_folder, load_classifier
-    from .hf import is_hf_folder, load_hf
-
-    run = Path(run)
-    if is_hf_folder(run):
-        model, tokenizer, _ = load_hf(run)
-        return model.to(device), tokenizer
-    if is_classifier_folder(run):  # a fine-tuned classifier (maskedlm finetune)
-        model, tokenizer, _ = load_classifier(run)
-        return model.to(device), tokenizer
-    cfg = read_config(run)
-    tokenizer = Tokenizer.from_file(run / TOKENIZER)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise UserError(f"{run}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
-    model = BertForPreTraining(cfg.model)
-    load_weights(model, run / WEIGHTS)
-    return model.to(device).eval(), tokenizer
+def save_config(cfg: Config, path: Path) -> None:
+    atomic_write(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-def load_for_init(path: str | Path) -> tuple[BertForPreTraining, Tokenizer, str]:
-    """The model and tokenizer to continue pre-training from, and a line saying what was loaded."""
-    from .hf import is_hf_folder, load_hf
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file, or a one-line UserError saying why it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing ({what})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None
 
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"--init-from: no such folder: {path}")
-    if is_hf_folder(path):
-        model, tokenizer, report = load_hf(path)
-        return model, tokenizer, report.describe()
-    model, tokenizer = load(path)
-    return model, tokenizer, "loaded a maskedlm run"
+
+def read_config(run: Path) -> Config:
+    """The resolved config of a run folder."""
+    run_dir = RunDir(Path(run))
+    if not run_dir.path.is_dir():
+        raise UserError(f"no such run folder: {run_dir.path}")
+    if not run_dir.config.is_file():
+        raise UserError(f"{run_dir.path}: not a maskedlm run folder (no {run_dir.config.name})")
+    return Config.from_dict(read_json(run_dir.config, "a run's config"), allow_derived=True)
+
+
+# -- the state of a training run --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything about the run's position that is not in the weights and optimizer (plain values)."""
+
+    step: int = 0
+    tokens: int = 0  # training tokens consumed
+    elapsed: float = 0.0  # seconds spent training (evaluations excluded)
+    data_position: int | list[int] | None = 0  # the data source's position in its phase (see batches.py)
+    phase: int = 0  # index in the sequence-length schedule
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
+
+
+@dataclass
+class CheckpointState:
+    """state.json: what a checkpoint holds besides tensors."""
+
+    step: int
+    train_state: TrainState
+    config: Config
+    tokenizer_hash: str
+    world_size: int
+    rng: dict  # {"python": random.getstate() as lists, "numpy": np.random.get_state() as lists}
+    optimizer_param_groups: list[dict]  # the optimizer's hyper-parameters, parameters by index
+    format: int = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "config": self.config.to_dict()}, indent=1)
+
+    @classmethod
+    def from_json(cls, raw: Any, where: Path) -> "CheckpointState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - {"format"} - set(raw)) if isinstance(raw, dict) else ["everything"]
+        if missing:
+            raise UserError(f"{where}: not a maskedlm checkpoint state (missing {', '.join(missing)})")
+        if raw.get("format", FORMAT) != FORMAT:
+            raise UserError(f"{where}: checkpoint format {raw['format']}; this maskedlm reads format {FORMAT}")
+        try:
+            values = {k: v for k, v in raw.items() if k in names}
+            values["train_state"] = TrainState(**raw["train_state"])
+            values["config"] = Config.from_dict(raw["config"], allow_derived=True)
+            return cls(**values)
+        except TypeError as e:
+            raise UserError(f"{where}: malformed checkpoint state ({e})") from None
+
+
+# -- RNG states: every generator a resumed run needs to continue bit for bit ------------------------------
+
+
+def capture_rng(mask_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, plain): torch CPU / CUDA and masking generator states; Python and NumPy states as lists."""
+    tensors = {"torch_cpu": torch.get_rng_state(), "mask": mask_gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict, mask_gen: torch.Generator, rank: int = 0) -> None:
+    """Each rank takes back its own generator states (rank 0's when the world size changed)."""
+    def of(r: int) -> dict[str, torch.Tensor]:
+        return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{r}.")}
+
+    states = of(rank) or of(0)
+    torch.set_rng_state(states["torch_cpu"])
+    mask_gen.set_state(tensors["mask"])
+    cuda = [states[k] for k in sorted(k for k in states if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    py = plain["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
 # -- training checkpoints ---------------------------------------------------------------------------------
-#
-# RUN/checkpoints/step-00001000/
-#     model.safetensors       fp32 master weights
-#     optimizer.safetensors   optimizer state tensors ("state.<param index>.<name>")
-#     rng.safetensors         torch CPU / CUDA generator states and the masking generator's
-#     state.json              step, tokens, elapsed, data position, full config, tokenizer hash, world size,
-#                             optimizer hyper-parameters, Python and NumPy RNG states
-#     manifest.json           sha256 of each file above, verified on load
-# RUN/checkpoints/latest      name of the newest complete checkpoint, replaced last
-#
-# A checkpoint is written into a temporary folder, every file fsynced, then renamed into place; only then is
-# `latest` replaced (itself via a temporary file and a rename). A crash at any moment leaves either the old
-# `latest` pointing to an intact checkpoint, or the new one complete.
-
-CHECKPOINTS, LATEST = "checkpoints", "latest"
-FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -170,112 +204,153 @@ def _nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor], opt_state: dict,
-                    state: dict, rng_tensors: dict[str, torch.Tensor], keep: int,
-                    protect: str | None = None) -> Path:
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_checkpoint(run: RunDir, *, state: CheckpointState, weights: dict[str, torch.Tensor], opt_state: dict,
+                    rng_tensors: dict[str, torch.Tensor], keep: int, protect: str | None = None) -> CheckpointDir:
     """Write a checkpoint atomically, point `latest` at it, then drop old ones beyond `keep` (never
     `protect`, the one this run resumed from). `weights` is a full state dict, `opt_state` an optimizer
     state dict in torch's format (parameters by index). Raises UserError when a value is not finite;
     OSError when the disk refuses (the previous checkpoint is then untouched)."""
-    import shutil
-
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    opt_tensors = {f"state.{i}.{k}": v.detach().to("cpu").contiguous()
-                   for i, s in opt_state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    final = run.checkpoint(state.step)
+    weights = _cpu(weights)
+    opt_tensors = _cpu({f"state.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()
+                        if torch.is_tensor(v)})
     bad = _nonfinite(weights) or _nonfinite(opt_tensors)
     if bad:
-        raise UserError(f"refusing to save a checkpoint at step {step}: {bad} holds non-finite values")
-    groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+        raise UserError(f"refusing to save a checkpoint at step {state.step}: {bad} holds non-finite values")
+    state = dataclasses.replace(state, optimizer_param_groups=[dict(g) for g in opt_state["param_groups"]])
+    tmp = CheckpointDir(run.checkpoints / f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp.path, ignore_errors=True)
+    tmp.path.mkdir()
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "optimizer_param_groups": groups}, indent=1))
-        manifest = {f: _sha256(tmp / f) for f in FILES}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for f in (*FILES, "manifest.json"):
-            _fsync(tmp / f)
-        _fsync(tmp)
-        final = root / name
-        if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(name + "\n")
-        _fsync(pointer)
-        os.replace(pointer, root / LATEST)
-        _fsync(root)
+        save_file(weights, str(tmp / tmp.WEIGHTS), metadata={"format": "pt"})
+        save_file(opt_tensors, str(tmp / tmp.OPTIMIZER))
+        save_file(_cpu(rng_tensors), str(tmp / tmp.RNG))
+        (tmp / tmp.STATE).write_text(state.to_json())
+        (tmp / tmp.MANIFEST).write_text(json.dumps({f: _sha256(tmp / f) for f in tmp.FILES}, indent=1))
+        for f in (*tmp.FILES, tmp.MANIFEST):
+            fsync(tmp / f)
+        fsync(tmp.path)
+        if final.path.exists():  # a checkpoint of this step from an earlier, interrupted attempt
+            shutil.rmtree(final.path)
+        os.replace(tmp.path, final.path)
+        fsync(run.checkpoints)
+        atomic_write(run.latest, final.name + "\n")
+        fsync(run.checkpoints)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.path, ignore_errors=True)
         raise
-    existing = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    existing = sorted(p.name for p in run.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in existing[: max(0, len(existing) - keep)]:
-        if old not in (name, protect):
-            shutil.rmtree(root / old, ignore_errors=True)
+        if old not in (final.name, protect):
+            shutil.rmtree(run.checkpoints / old, ignore_errors=True)
     return final
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path) -> CheckpointDir:
     """The checkpoint folder for `--resume PATH`: a run folder (its latest) or a checkpoint folder."""
     p = Path(path)
-    if (p / "manifest.json").is_file():
-        return p
-    pointer = p / CHECKPOINTS / LATEST
+    if (p / CheckpointDir.MANIFEST).is_file():
+        return CheckpointDir(p)
+    run = RunDir(p)
     if not p.is_dir():
         raise UserError(f"--resume: no such folder: {p}")
-    if not pointer.is_file():
-        raise UserError(f"--resume: {p} has no checkpoint to resume from (no {CHECKPOINTS}/{LATEST})")
-    ckpt = p / CHECKPOINTS / pointer.read_text().strip()
-    if not ckpt.is_dir():
-        raise UserError(f"{pointer} names {ckpt.name}, which does not exist")
+    if not run.latest.is_file():
+        raise UserError(f"--resume: {p} has no checkpoint to resume from (no {run.latest.relative_to(p)})")
+    ckpt = CheckpointDir(run.checkpoints / run.latest.read_text().strip())
+    if not ckpt.path.is_dir():
+        raise UserError(f"{run.latest} names {ckpt.name}, which does not exist")
     return ckpt
 
 
-def verify_checkpoint(ckpt: Path) -> None:
+def verify_checkpoint(ckpt: CheckpointDir) -> None:
     """Check every file against manifest.json; a missing file or a changed byte is an error naming it."""
     try:
-        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest = json.loads((ckpt / ckpt.MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{ckpt}: unreadable manifest.json ({e})") from None
-    for f in FILES:
+        raise UserError(f"{ckpt.path}: unreadable manifest.json ({e})") from None
+    for f in ckpt.FILES:
         if f not in manifest or not (ckpt / f).is_file():
-            raise UserError(f"{ckpt}: {f} is missing; the checkpoint is incomplete")
+            raise UserError(f"{ckpt.path}: {f} is missing; the checkpoint is incomplete")
         if _sha256(ckpt / f) != manifest[f]:
             raise UserError(f"{ckpt / f}: sha256 does not match manifest.json; the file is corrupted "
-                            f"(resume from an older checkpoint: --resume {ckpt.parent}/step-...)")
+                            f"(resume from an older checkpoint: --resume {ckpt.path.parent}/step-...)")
+
+
+def read_state(ckpt: CheckpointDir) -> CheckpointState:
+    """A checkpoint's state.json, typed (without reading its tensors)."""
+    return CheckpointState.from_json(read_json(ckpt / ckpt.STATE, "a checkpoint's state"), ckpt / ckpt.STATE)
 
 
 @dataclass
 class Checkpoint:
-    path: Path
-    state: dict  # state.json
+    path: CheckpointDir
+    state: CheckpointState
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
 
+    def optimizer_state(self) -> dict:
+        """The optimizer state dict, in torch's format (parameters by index)."""
+        state: dict[int, dict] = {}
+        for key, tensor in self.optimizer.items():
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = tensor
+        groups = [dict(g) for g in self.state.optimizer_param_groups]
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        return {"state": state, "param_groups": groups}
+
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Find (see `find_checkpoint`), verify and read a training checkpoint."""
     ckpt = find_checkpoint(path)
     verify_checkpoint(ckpt)
-    return Checkpoint(ckpt, json.loads((ckpt / "state.json").read_text()), load_file(str(ckpt / "model.safetensors")),
-                      load_file(str(ckpt / "optimizer.safetensors")), load_file(str(ckpt / "rng.safetensors")))
+    return Checkpoint(ckpt, read_state(ckpt), load_file(str(ckpt / ckpt.WEIGHTS)),
+                      load_file(str(ckpt / ckpt.OPTIMIZER)), load_file(str(ckpt / ckpt.RNG)))
 
 
-def optimizer_state(ckpt: Checkpoint) -> dict:
-    """The checkpoint's optimizer state dict, in torch's format (parameters by index)."""
-    state: dict[int, dict] = {}
-    for key, tensor in ckpt.optimizer.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = tensor
-    groups = ckpt.state["optimizer_param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+class Checkpointer:
+    """Saves a run's checkpoints: rank 0 writes, every rank contributes its own RNG state (and, under FSDP,
+    its shards of the weights and optimizer state)."""
+
+    def __init__(self, run: RunDir, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 mask_gen: torch.Generator, cfg: Config, tokenizer_hash: str, *, fsdp: bool,
+                 resumed_from: CheckpointDir | None = None, log=print):
+        self.run, self.dist, self.model, self.optimizer, self.mask_gen = run, dist, model, optimizer, mask_gen
+        self.cfg, self.tokenizer_hash, self.fsdp, self.log = cfg, tokenizer_hash, fsdp, log
+        self.last: CheckpointDir | None = resumed_from
+        self.protect = resumed_from.name if resumed_from is not None else None
+
+    def save(self, train_state: TrainState, final: bool = False) -> None:
+        """A failed save mid-run is a warning (training goes on; the previous checkpoint is intact); a
+        failed final save is an error naming the last good one."""
+        tensors, plain = capture_rng(self.mask_gen)
+        per_rank = self.dist.all_gather_object({k: v for k, v in tensors.items() if k != "mask"})
+        weights = distributed.full_model_state(self.model, self.fsdp)  # collectives under FSDP
+        opt_state = distributed.full_optimizer_state(self.model, self.optimizer, self.fsdp)
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        rng = {"mask": tensors["mask"]}  # the masking generator is the same on every rank
+        for r, states in enumerate(per_rank):
+            rng.update({f"rank{r}.{k}": v.clone() for k, v in states.items()})
+        state = CheckpointState(train_state.step, dataclasses.replace(train_state), self.cfg, self.tokenizer_hash,
+                                self.dist.world, plain, [])
+        try:
+            self.last = save_checkpoint(self.run, state=state, weights=weights, opt_state=opt_state,
+                                        rng_tensors=rng, keep=self.cfg.train.keep_checkpoints, protect=self.protect)
+        except OSError as e:
+            last = self.last.path if self.last else "none"
+            if final:
+                raise UserError(f"could not write the final checkpoint ({e.strerror or e}); "
+                                f"the last good one is {last}") from None
+            self.log(f"warning: checkpoint at step {train_state.step} failed ({e.strerror or e}); the previous one "
+                     f"({self.last.name if self.last else 'none'}) is intact; training goes on")
+        finally:
+            self.dist.barrier()

@@ -39,6 +39,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
             kwargs.update(nargs="+", metavar="PATH")
         elif origin is Literal:
             kwargs["choices"] = list(args)
+        elif hasattr(tp, "parse"):  # a value with its own grammar (e.g. a schedule): parsed by the config
+            kwargs.update(type=str, metavar="SPEC")
         else:
             kwargs.update(type=tp, metavar={int: "N", float: "X"}.get(tp, f.name.upper()))
         group.add_argument(flag_name(f), help=help_, **kwargs)
@@ -48,10 +50,9 @@ def _config_from_args(ns: argparse.Namespace) -> Config:
     cfg = Config()
     resume = vars(ns).get("train.resume")
     if resume:  # a resumed run starts from its own config; flags then say what changes
-        from .checkpoint import find_checkpoint
+        from .checkpoint import find_checkpoint, read_state
 
-        state = json.loads((find_checkpoint(resume) / "state.json").read_text())
-        cfg = Config.from_dict(state["config"], allow_derived=True)
+        cfg = read_state(find_checkpoint(resume)).config
     if getattr(ns, "config", None):
         cfg.update(load_config_file(ns.config), source=ns.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -112,81 +113,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(ns: argparse.Namespace) -> int:
-    if ns.command == "pretrain":
-        from .train import pretrain
+def _pretrain(ns: argparse.Namespace) -> int:
+    from .train import pretrain
 
-        result = pretrain(_config_from_args(ns))
-        if result.stopped_by == "SIGINT":
-            return 130
-    elif ns.command == "prepare":
-        from .data import prepare
+    return 130 if pretrain(_config_from_args(ns)).stopped_by == "SIGINT" else 0
 
-        prep = prepare(_config_from_args(ns).data)
-        print(json.dumps({"folder": str(prep.folder), **prep.meta}, indent=2))
-    elif ns.command == "evaluate":
-        from .evaluate import evaluate_run
 
-        res = evaluate_run(ns.run, ns.valid, device=ns.device, precision=ns.precision, log=lambda *a: print(*a, file=sys.stderr))
-        out = res.as_dict()
-        if ns.probe:
-            from .checkpoint import load
-            from .probe import genre_probe
-            from .runtime import resolve_device
+def _prepare(ns: argparse.Namespace) -> int:
+    from .data import prepare
 
-            dev = resolve_device(ns.device)
-            model, tok = load(ns.run, dev)
-            out["probe"] = genre_probe(model, tok, dev, log=lambda *a: None if ns.json else print(*a))
-        if ns.json:
-            print(json.dumps(out))
-        else:
-            print(f"loss {res.loss:.4f}  accuracy {res.accuracy:.2%}  perplexity {res.perplexity:.2f}  "
-                  f"({res.predicted:,} predictions in {res.sequences} sequences)")
-    elif ns.command == "finetune":
-        from .finetune import finetune
+    prep = prepare(_config_from_args(ns).data)
+    print(json.dumps({"folder": str(prep.folder), **prep.meta}, indent=2))
+    return 0
 
-        fcfg = FinetuneConfig()
-        for key, value in vars(ns).items():
-            if key.startswith("finetune."):
-                setattr(fcfg, key.split(".", 1)[1], value)
-        if not fcfg.train or not fcfg.valid:
-            raise UserError("finetune needs --train FILE and --valid FILE")
-        res = finetune(ns.run, fcfg)
-        print(json.dumps({"accuracy": res.accuracy, "macro_f1": res.macro_f1, "epochs": res.epochs,
-                          "out": str(res.out_dir)}))
-    elif ns.command == "export":
-        from .hf import export_run
 
-        print(f"wrote {export_run(ns.run, ns.out)}")
-    elif ns.command == "serve":
-        from .serve import serve
+def _evaluate(ns: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
 
-        serve(ns.run, ns.host, ns.port, ns.device)
-    elif ns.command == "plot":
-        from .plots import plot_metrics
-
-        print(f"wrote {plot_metrics(ns.run, ns.out)}")
-    elif ns.command == "fill":
-        from .checkpoint import load
-        from .fill import fill_mask
+    res = evaluate_run(ns.run, ns.valid, device=ns.device, precision=ns.precision, log=lambda *a: print(*a, file=sys.stderr))
+    out = res.as_dict()
+    if ns.probe:
+        from .loading import load
+        from .probe import genre_probe
         from .runtime import resolve_device
 
-        model, tok = load(ns.run, resolve_device(ns.device))
-        preds = fill_mask(model, tok, ns.text, top_k=ns.top_k)
-        if ns.json:
-            print(json.dumps([[{"token": p.token, "id": p.token_id, "prob": p.prob} for p in mask] for mask in preds]))
-        else:
-            for i, mask in enumerate(preds, 1):
-                print(f"[MASK] #{i}:")
-                for p in mask:
-                    print(f"  {p.prob:7.4f}  {p.token}")
+        dev = resolve_device(ns.device)
+        model, tok = load(ns.run, dev)
+        out["probe"] = genre_probe(model, tok, dev, log=lambda *a: None if ns.json else print(*a))
+    if ns.json:
+        print(json.dumps(out))
+    else:
+        print(f"loss {res.loss:.4f}  accuracy {res.accuracy:.2%}  perplexity {res.perplexity:.2f}  "
+              f"({res.predicted:,} predictions in {res.sequences} sequences)")
     return 0
+
+
+def _finetune(ns: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    cfg = FinetuneConfig.from_dict({k.split(".", 1)[1]: v for k, v in vars(ns).items() if k.startswith("finetune.")},
+                                   source="command line")
+    res = finetune(ns.run, cfg)
+    print(json.dumps({"accuracy": res.accuracy, "macro_f1": res.macro_f1, "epochs": res.epochs, "out": str(res.out_dir)}))
+    return 0
+
+
+def _export(ns: argparse.Namespace) -> int:
+    from .loading import export_folder
+
+    print(f"wrote {export_folder(ns.run, ns.out)}")
+    return 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(ns.run, ns.host, ns.port, ns.device)
+    return 0
+
+
+def _plot(ns: argparse.Namespace) -> int:
+    from .plots import plot_metrics
+
+    print(f"wrote {plot_metrics(ns.run, ns.out)}")
+    return 0
+
+
+def _fill(ns: argparse.Namespace) -> int:
+    from .fill import fill_mask
+    from .loading import load
+    from .runtime import resolve_device
+
+    model, tok = load(ns.run, resolve_device(ns.device))
+    preds = fill_mask(model, tok, ns.text, top_k=ns.top_k)
+    if ns.json:
+        print(json.dumps([[{"token": p.token, "id": p.token_id, "prob": p.prob} for p in mask] for mask in preds]))
+        return 0
+    for i, mask in enumerate(preds, 1):
+        print(f"[MASK] #{i}:")
+        for p in mask:
+            print(f"  {p.prob:7.4f}  {p.token}")
+    return 0
+
+
+COMMANDS = {"pretrain": _pretrain, "prepare": _prepare, "evaluate": _evaluate, "finetune": _finetune,
+            "export": _export, "serve": _serve, "plot": _plot, "fill": _fill}
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        return _run(ns)
+        return COMMANDS[ns.command](ns)
     except UserError as e:
         print(f"maskedlm: error: {e}", file=sys.stderr)
         return 2

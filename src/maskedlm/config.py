@@ -24,12 +24,83 @@ from .errors import UserError
 
 
 def _f(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, cli: bool = True,
-       derived: bool = False, factory: Any = None):
-    """A dataclass field with its CLI help. `derived` fields are filled in by the run, not by users."""
-    meta = {"help": help, "flag": flag, "cli": cli and not derived, "derived": derived}
+       derived: bool = False, factory: Any = None, fixed: bool = False):
+    """A dataclass field with its CLI help. `derived` fields are filled in by the run, not by users. `fixed`
+    fields change what a run computes: `--resume` refuses to change them (unless --allow-config-change)."""
+    meta = {"help": help, "flag": flag, "cli": cli and not derived, "derived": derived, "fixed": fixed}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# -- values with their own small grammar, parsed once when the config is built ------------------------------
+
+
+@dataclass(frozen=True)
+class SeqLenSchedule:
+    """A sequence-length curriculum. `phases`: (length, end of the phase as a fraction of the run), the last
+    ending at 1.0. Written as 'L:fraction,...' (fractions of the run adding up to 1; '64:0.9,128:0.1' ->
+    (64, 0.9), (128, 1.0)) or 'ramp:FROM:TO[:STEP]' (equal phases from FROM to TO in steps of STEP, 16 by
+    default; 'ramp:64:128:32' -> (64, 1/3), (96, 2/3), (128, 1.0))."""
+
+    spec: str
+    phases: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> "SeqLenSchedule":
+        where = f"train.seq_len_schedule {spec!r}"
+        try:
+            if spec.startswith("ramp:"):
+                parts = [int(x) for x in spec.split(":")[1:]]
+                lo, hi, step = (parts + [16])[:3] if len(parts) in (2, 3) else (0, 0, 0)
+                if not (8 <= lo < hi and step > 0):
+                    raise ValueError
+                lengths = list(range(lo, hi, step)) + [hi]
+                given = [(n, 1.0 / len(lengths)) for n in lengths]
+            else:
+                given = []
+                for part in spec.split(","):
+                    length, frac = part.split(":")
+                    given.append((int(length), float(frac)))
+        except ValueError:
+            raise UserError(f"{where}: expected 'L:fraction,...' or 'ramp:FROM:TO[:STEP]'") from None
+        if any(n < 8 or not f > 0 for n, f in given):
+            raise UserError(f"{where}: lengths must be >= 8 and fractions > 0")
+        if abs(sum(f for _, f in given) - 1.0) > 1e-6:
+            raise UserError(f"{where}: the fractions add up to {sum(f for _, f in given):g}, not 1")
+        phases, end = [], 0.0
+        for n, f in given:
+            end += f
+            phases.append((n, end))
+        phases[-1] = (phases[-1][0], 1.0)
+        return cls(spec, tuple(phases))
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True)
+class BatchRamp:
+    """A batch-size warmup 'START:FRACTION': from START sequences to the full batch, linearly over that
+    fraction of the run ('8:0.1')."""
+
+    spec: str
+    start: int
+    frac: float
+
+    @classmethod
+    def parse(cls, spec: str) -> "BatchRamp":
+        try:
+            start, frac = spec.split(":")
+            out = cls(spec, int(start), float(frac))
+        except ValueError:
+            raise UserError(f"train.batch_ramp {spec!r}: expected 'START:FRACTION', e.g. 8:0.1") from None
+        if out.start < 1 or not 0 < out.frac <= 1:
+            raise UserError(f"train.batch_ramp {spec!r}: START must be >= 1 and FRACTION in (0, 1]")
+        return out
+
+    def __str__(self) -> str:
+        return self.spec
 
 
 # Google's BERT miniatures (Turc et al. 2019) plus base and large: (layers, hidden). heads = H/64, FFN = 4H.
@@ -46,19 +117,19 @@ PRESETS: dict[str, tuple[int, int]] = {
 @dataclass
 class ModelConfig:
     preset: Optional[str] = _f("mini", flag="--model", help=f"size preset: {', '.join(PRESETS)} (sets the shape fields below)")
-    num_layers: int = _f(4, help="transformer blocks")
-    hidden_size: int = _f(256, help="model width H")
-    num_heads: int = _f(4, help="attention heads (H must divide by it)")
-    intermediate_size: int = _f(1024, help="feed-forward width")
-    max_position: int = _f(512, help="position embeddings (longest sequence the model accepts)")
-    type_vocab_size: int = _f(2, help="token-type (segment) embeddings")
+    num_layers: int = _f(4, fixed=True, help="transformer blocks")
+    hidden_size: int = _f(256, fixed=True, help="model width H")
+    num_heads: int = _f(4, fixed=True, help="attention heads (H must divide by it)")
+    intermediate_size: int = _f(1024, fixed=True, help="feed-forward width")
+    max_position: int = _f(512, fixed=True, help="position embeddings (longest sequence the model accepts)")
+    type_vocab_size: int = _f(2, fixed=True, help="token-type (segment) embeddings")
     hidden_dropout: float = _f(0.0, help="dropout on embeddings and block outputs (BERT used 0.1; 0 is faster, as Cramming and ModernBERT pre-train)")
     attention_dropout: float = _f(0.0, help="dropout on attention probabilities (BERT used 0.1)")
-    linear_bias: bool = _f(True, help="biases in the blocks' linear layers (BERT's); --no-linear-bias is 4-8 percent faster on "
+    linear_bias: bool = _f(True, fixed=True, help="biases in the blocks' linear layers (BERT's); --no-linear-bias is 4-8 percent faster on "
                                       "CPU (as Cramming trains) and exports to transformers as zero biases")
     layer_norm_eps: float = _f(1e-12, help="LayerNorm epsilon (BERT's 1e-12)")
     init_std: float = _f(0.02, help="std of the normal weight initialisation")
-    vocab_size: int = _f(0, derived=True, help="set from the tokenizer")
+    vocab_size: int = _f(0, derived=True, fixed=True, help="set from the tokenizer")
     pad_token_id: int = _f(0, derived=True, help="set from the tokenizer")
 
     def apply_preset(self, name: str) -> None:
@@ -72,17 +143,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: Optional[str] = _f("shakespeare", help="embedded corpus used when --train is not given ('shakespeare')")
-    train: list[str] = _f(factory=list, help="training text: files or folders (.txt, .md, .jsonl, optionally .gz; .parquet; a datasets folder)")
-    valid: list[str] = _f(factory=list, help="held-out text; default: a fraction of the training documents")
-    valid_fraction: float = _f(0.05, help="fraction of documents held out when --valid is not given")
-    doc_boundary: Literal["blank_line", "file"] = _f("blank_line", help="in .txt files, documents are separated by blank lines, or one per file")
-    text_field: str = _f("text", help="JSON field holding the text in .jsonl files")
+    corpus: Optional[str] = _f("shakespeare", fixed=True, help="embedded corpus used when --train is not given ('shakespeare')")
+    train: list[str] = _f(factory=list, fixed=True, help="training text: files or folders (.txt, .md, .jsonl, optionally .gz; .parquet; a datasets folder)")
+    valid: list[str] = _f(factory=list, fixed=True, help="held-out text; default: a fraction of the training documents")
+    valid_fraction: float = _f(0.05, fixed=True, help="fraction of documents held out when --valid is not given")
+    doc_boundary: Literal["blank_line", "file"] = _f("blank_line", fixed=True, help="in .txt files, documents are separated by blank lines, or one per file")
+    text_field: str = _f("text", fixed=True, help="JSON field holding the text in .jsonl files")
     strict_utf8: bool = _f(False, help="refuse invalid UTF-8 (naming file and line) instead of replacing it")
-    tokenizer: str = _f("wordpiece", help="'wordpiece' (trained on the training text), 'char', or a tokenizer.json / vocab.txt path")
-    vocab_size: int = _f(8192, help="vocabulary size of a trained WordPiece tokenizer")
-    lowercase: bool = _f(True, help="lowercase text in trained tokenizers (BERT 'uncased')")
-    seq_len: int = _f(128, help="tokens per training sequence, [CLS] and [SEP] included (the final length under a schedule)")
+    tokenizer: str = _f("wordpiece", fixed=True, help="'wordpiece' (trained on the training text), 'char', or a tokenizer.json / vocab.txt path")
+    vocab_size: int = _f(8192, fixed=True, help="vocabulary size of a trained WordPiece tokenizer")
+    lowercase: bool = _f(True, fixed=True, help="lowercase text in trained tokenizers (BERT 'uncased')")
+    seq_len: int = _f(128, fixed=True, help="tokens per training sequence, [CLS] and [SEP] included (the final length under a schedule)")
     short_seq_prob: float = _f(0.1, help="sentence pairs: probability of a shorter random target length (BERT's)")
     cache_dir: Optional[str] = _f(None, help="where prepared data is cached (default: $MASKEDLM_CACHE or ~/.cache/maskedlm)")
     workers: int = _f(0, help="processes tokenising inputs in parallel (0: one per CPU core)")
@@ -91,9 +162,9 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    mask_prob: float = _f(0.15, help="fraction of (non-special) tokens selected for prediction")
-    mask_token_frac: float = _f(0.8, help="of the selected, the fraction replaced by [MASK]")
-    random_token_frac: float = _f(0.1, help="of the selected, the fraction replaced by a random token (the rest stay unchanged)")
+    mask_prob: float = _f(0.15, fixed=True, help="fraction of (non-special) tokens selected for prediction")
+    mask_token_frac: float = _f(0.8, fixed=True, help="of the selected, the fraction replaced by [MASK]")
+    random_token_frac: float = _f(0.1, fixed=True, help="of the selected, the fraction replaced by a random token (the rest stay unchanged)")
     strategy: Literal["token", "whole_word", "span"] = _f("token", flag="--masking", help="what is selected: single tokens (BERT), whole words, or spans (SpanBERT)")
     span_p: float = _f(0.2, help="span masking: parameter of the geometric span-length distribution")
     span_max: int = _f(10, help="span masking: longest span")
@@ -102,10 +173,10 @@ class MaskConfig:
 @dataclass
 class TrainConfig:
     objective: Literal["mlm", "mlm+nsp", "mlm+sop"] = _f("mlm", help="masked LM alone, or with next-sentence / sentence-order prediction on sentence pairs")
-    seq_len_schedule: Optional[str] = _f(None, help="sequence-length curriculum: 'L:fraction,...' (e.g. 64:0.9,128:0.1) or 'ramp:FROM:TO[:STEP]'; ends at --seq-len")
+    seq_len_schedule: Optional[SeqLenSchedule] = _f(None, help="sequence-length curriculum: 'L:fraction,...' (e.g. 64:0.9,128:0.1) or 'ramp:FROM:TO[:STEP]'; ends at --seq-len")
     schedule_keep_tokens: bool = _f(True, help="under a length schedule, scale the batch so each step has the same number of tokens")
-    batch_size: int = _f(32, help="sequences per optimizer step, over all ranks (split over --grad-accum micro-batches)")
-    batch_ramp: Optional[str] = _f(None, help="batch-size warmup 'START:FRACTION': from START sequences to --batch-size, linearly over that fraction of the run")
+    batch_size: int = _f(32, fixed=True, help="sequences per optimizer step, over all ranks (split over --grad-accum micro-batches)")
+    batch_ramp: Optional[BatchRamp] = _f(None, help="batch-size warmup 'START:FRACTION': from START sequences to --batch-size, linearly over that fraction of the run")
     optimizer: Literal["adamw", "lamb"] = _f("adamw", help="AdamW, or LAMB for large global batches")
     grad_accum: int = _f(1, help="micro-batches per optimizer step")
     lr: float = _f(1e-3, help="peak learning rate")
@@ -119,8 +190,8 @@ class TrainConfig:
     clip_grad: float = _f(1.0, help="gradient-norm clipping (0 disables)")
     max_steps: Optional[int] = _f(None, help="stop after this many optimizer steps")
     time_budget: Optional[float] = _f(None, help="stop after this many seconds of training; the LR schedule follows elapsed time")
-    init_from: Optional[str] = _f(None, help="start from this model: a Hugging Face BERT folder or a maskedlm run (its tokenizer and shape too)")
-    seed: int = _f(0, help="seed for initialisation, data order and masks")
+    init_from: Optional[str] = _f(None, fixed=True, help="start from this model: a Hugging Face BERT folder or a maskedlm run (its tokenizer and shape too)")
+    seed: int = _f(0, fixed=True, help="seed for initialisation, data order and masks")
     device: str = _f("auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", help="'auto' uses bf16 autocast where the device has fast bf16")
     compile: bool = _f(False, help="torch.compile the encoder (compile time is reported separately)")
@@ -142,6 +213,11 @@ class TrainConfig:
     tensorboard: bool = _f(False, help="also log metrics to TensorBoard (RUN/tensorboard; needs the tensorboard package)")
     plot: bool = _f(True, help="draw RUN/metrics.png at the end (needs matplotlib)")
 
+    @property
+    def pair_task(self) -> Optional[Literal["nsp", "sop"]]:
+        """The sentence-pair task trained beside MLM ('nsp' or 'sop'), or None for MLM alone."""
+        return {"mlm": None, "mlm+nsp": "nsp", "mlm+sop": "sop"}[self.objective]
+
 
 @dataclass
 class FinetuneConfig:
@@ -158,11 +234,32 @@ class FinetuneConfig:
     epochs: int = _f(5, help="most epochs")
     warmup_frac: float = _f(0.1, help="fraction of the steps warming the learning rate up")
     weight_decay: float = _f(0.01, help="AdamW weight decay")
+    clip_grad: float = _f(1.0, help="gradient-norm clipping (0 disables)")
     patience: int = _f(2, help="stop after this many epochs without a better validation accuracy")
     dropout: float = _f(0.1, help="dropout before the classifier")
     seed: int = _f(0, help="seed for the classifier's initialisation and the data order")
     device: str = _f("auto", help="'auto', 'cpu', 'cuda', ...")
     out: Optional[str] = _f(None, help="output folder (default: RUN/finetuned-<train file name>)")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "FinetuneConfig":
+        """Strict about keys and types, as `Config.from_dict`; validated."""
+        cfg = cls()
+        _update_section(cfg, "finetune", values, False, source)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _require([
+            (bool(self.train and self.valid), "finetune needs --train FILE and --valid FILE"),
+            (self.max_len >= 3, "finetune.max_len must be >= 3 ([CLS], a token, [SEP])"),
+            (self.batch_size >= 1 and self.epochs >= 1 and self.patience >= 1,
+             "finetune.batch_size, finetune.epochs and finetune.patience must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "finetune.lr must be a positive number"),
+            (0.0 <= self.warmup_frac < 1.0, "finetune.warmup_frac must be in [0, 1)"),
+            (self.weight_decay >= 0 and self.clip_grad >= 0, "finetune.weight_decay and finetune.clip_grad must be >= 0"),
+            (0.0 <= self.dropout < 1.0, "finetune.dropout must be in [0, 1)"),
+        ])
 
 
 # Used when neither --max-steps nor --time-budget is given: the main job must finish in minutes.
@@ -177,7 +274,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON values, section by section (schedules as the strings they were written as)."""
+        return {name: section_dict(getattr(self, name)) for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, d: Any, *, allow_derived: bool = False) -> "Config":
@@ -228,11 +326,7 @@ class Config:
             (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (t.max_nonfinite >= 1, "train.max_nonfinite must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        if t.batch_ramp is not None:
-            parse_batch_ramp(t.batch_ramp)
+        _require(checks)
         phases = self.seq_len_phases()
         if max(length for length, _ in phases) > m.max_position:
             raise UserError(f"train.seq_len_schedule reaches {max(length for length, _ in phases)} tokens, more than "
@@ -240,7 +334,18 @@ class Config:
 
     def seq_len_phases(self) -> list[tuple[int, float]]:
         """The sequence-length schedule as (length, end of phase in [0, 1]) pairs; one phase without one."""
-        return parse_seq_len_schedule(self.train.seq_len_schedule, self.data.seq_len)
+        return seq_len_phases(self.train.seq_len_schedule, self.data.seq_len)
+
+    def fixed_differences(self, new: "Config") -> list[str]:
+        """'section.field: old -> new' for every setting marked `fixed` (it changes what a run computes)
+        that differs in `new`: what `--resume` refuses to change without --allow-config-change."""
+        out = []
+        for section in SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                a, b = getattr(getattr(self, section), f.name), getattr(getattr(new, section), f.name)
+                if f.metadata.get("fixed") and a != b:
+                    out.append(f"{section}.{f.name}: {_plain(a)!r} -> {_plain(b)!r}")
+        return out
 
     def resolved(self) -> "Config":
         """A copy with run-time defaults applied (the time budget of the default run)."""
@@ -252,6 +357,23 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "mask": MaskConfig, "train": TrainConfig}
+
+
+def _plain(v: Any) -> Any:
+    """A field value as plain JSON (parsed values as the strings they were written as)."""
+    return str(v) if isinstance(v, (SeqLenSchedule, BatchRamp)) else list(v) if isinstance(v, list) else v
+
+
+def section_dict(obj: Any) -> dict[str, Any]:
+    """A config section as plain JSON values."""
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _require(checks: list[tuple[bool, str]]) -> None:
+    """Raise a UserError with the message of the first failed check."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 def _update_section(obj: Any, section: str, values: dict, allow_derived: bool, source: str) -> None:
@@ -280,6 +402,12 @@ def _check_type(value: Any, tp: Any, name: str, source: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], name, source)
+    if tp in (SeqLenSchedule, BatchRamp):  # written as a string, kept parsed
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, str):
+            raise UserError(f"{source}: {name} must be a string, got {type(value).__name__} {value!r}")
+        return tp.parse(value)
     if origin is Literal:
         if value not in args:
             raise UserError(f"{source}: {name} must be one of {', '.join(map(repr, args))}, got {value!r}")
@@ -342,50 +470,17 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def parse_seq_len_schedule(spec: str | None, final: int) -> list[tuple[int, float]]:
-    """'64:0.9,128:0.1' -> [(64, 0.9), (128, 1.0)]; 'ramp:64:128:32' -> [(64, 1/3), (96, 2/3), (128, 1.0)].
-
-    Phases are given as fractions of training progress (they must add up to 1); the last phase must be
-    at `final` (data.seq_len), the length the model is evaluated at."""
-    if not spec:
+def seq_len_phases(schedule: SeqLenSchedule | None, final: int) -> list[tuple[int, float]]:
+    """The phases of `schedule` (one phase at `final` without one); the last phase must be at `final`
+    (data.seq_len), the length the model is evaluated at."""
+    if schedule is None:
         return [(final, 1.0)]
-    where = f"train.seq_len_schedule {spec!r}"
-    try:
-        if spec.startswith("ramp:"):
-            parts = [int(x) for x in spec.split(":")[1:]]
-            lo, hi, step = (parts + [16])[:3] if len(parts) in (2, 3) else (0, 0, 0)
-            if not (8 <= lo < hi and step > 0):
-                raise ValueError
-            lengths = list(range(lo, hi, step)) + [hi]
-            phases = [(n, 1.0 / len(lengths)) for n in lengths]
-        else:
-            phases = []
-            for part in spec.split(","):
-                length, frac = part.split(":")
-                phases.append((int(length), float(frac)))
-    except ValueError:
-        raise UserError(f"{where}: expected 'L:fraction,...' or 'ramp:FROM:TO[:STEP]'") from None
-    if any(n < 8 or f <= 0 for n, f in phases):
-        raise UserError(f"{where}: lengths must be >= 8 and fractions > 0")
-    if abs(sum(f for _, f in phases) - 1.0) > 1e-6:
-        raise UserError(f"{where}: the fractions add up to {sum(f for _, f in phases):g}, not 1")
-    if phases[-1][0] != final:
-        raise UserError(f"{where}: the last phase is {phases[-1][0]} tokens; it must be --seq-len ({final})")
-    out, end = [], 0.0
-    for n, f in phases:
-        end += f
-        out.append((n, end))
-    out[-1] = (out[-1][0], 1.0)
-    return out
+    if schedule.phases[-1][0] != final:
+        raise UserError(f"train.seq_len_schedule {schedule.spec!r}: the last phase is {schedule.phases[-1][0]} tokens; "
+                        f"it must be --seq-len ({final})")
+    return list(schedule.phases)
 
 
-def parse_batch_ramp(spec: str) -> tuple[int, float]:
-    """'8:0.1' -> (8, 0.1): start at 8 sequences, reach the full batch at 10% of the run."""
-    try:
-        start, frac = spec.split(":")
-        out = int(start), float(frac)
-    except ValueError:
-        raise UserError(f"train.batch_ramp {spec!r}: expected 'START:FRACTION', e.g. 8:0.1") from None
-    if out[0] < 1 or not 0 < out[1] <= 1:
-        raise UserError(f"train.batch_ramp {spec!r}: START must be >= 1 and FRACTION in (0, 1]")
-    return out
+def parse_seq_len_schedule(spec: str | None, final: int) -> list[tuple[int, float]]:
+    """'64:0.9,128:0.1' -> [(64, 0.9), (128, 1.0)] for a run at `final` tokens (see SeqLenSchedule)."""
+    return seq_len_phases(SeqLenSchedule.parse(spec) if spec else None, final)

@@ -14,13 +14,13 @@ import hashlib
 import importlib.resources
 import io
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .paths import atomic_write
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".parquet")
 PIECE_CHARS = 1 << 20  # longest piece of a document handed on at once
@@ -29,18 +29,15 @@ _READ_BYTES = 1 << 20  # longest read from a file at once
 
 @dataclass
 class Piece:
-    """Text of one document, or part of it. `doc_key` is the same for every piece of a document."""
+    """Text of one document, or part of it; `final` marks a document's last piece."""
 
     text: str
-    doc_key: str
     final: bool = True
 
 
 @dataclass
 class ReadStats:
-    files: int = 0
     bytes: int = 0
-    documents: int = 0
     replaced_chars: int = 0  # invalid UTF-8 sequences replaced by U+FFFD
     replaced_where: list[str] = field(default_factory=list)  # first few 'file:line' with replacements
 
@@ -118,11 +115,9 @@ def shakespeare_pieces(stats: ReadStats) -> Iterator[Piece]:
     """Each scene of each play is one document (about 750 of them): enough documents to hold out a
     representative 5% by document, and natural boundaries for sentence-pair objectives."""
     for name, md in shakespeare_plays():
-        stats.files += 1
         stats.bytes += len(md.encode())
-        for i, scene in enumerate(play_scenes(md)):
-            stats.documents += 1
-            yield Piece(clean_play(scene), f"shakespeare/{name}#{i}")
+        for scene in play_scenes(md):
+            yield Piece(clean_play(scene))
 
 
 def corpus_fingerprint(name: str) -> str:
@@ -231,25 +226,19 @@ def txt_pieces(path: Path, doc_boundary: str, strict: bool, stats: ReadStats) ->
     """Documents of a text file: separated by blank lines, or the whole file. Whitespace-only ones are skipped."""
     buf: list[str] = []
     size = 0
-    doc_index = 0
     started = False  # has the current document already handed on a piece?
 
-    def key() -> str:
-        return f"{path}#{doc_index}"
-
     def flush(final: bool) -> Iterator[Piece]:
-        nonlocal buf, size, started, doc_index
+        nonlocal buf, size, started
         text = "".join(buf)
         buf, size = [], 0
         if not final:
             if text:
                 started = True
-                yield Piece(text, key(), final=False)
+                yield Piece(text, final=False)
             return
         if started or text.strip():
-            stats.documents += 1
-            yield Piece(text, key(), final=True)
-            doc_index += 1
+            yield Piece(text, final=True)
         started = False
 
     at_line_start = True
@@ -286,17 +275,12 @@ def jsonl_pieces(path: Path, text_field: str, strict: bool, stats: ReadStats) ->
         value = obj[text_field]
         if not isinstance(value, str):
             raise UserError(f"{path}:{line_no}: field {text_field!r} must be a string, got {type(value).__name__}")
-        if value.strip():
-            stats.documents += 1
-            for start in range(0, len(value), PIECE_CHARS):
-                yield Piece(value[start:start + PIECE_CHARS], f"{path}#{line_no}",
-                            final=start + PIECE_CHARS >= len(value))
+        yield from _text_pieces(value)
 
 
 def file_pieces(files: list[Path], doc_boundary: str, text_field: str, strict: bool,
                 stats: ReadStats) -> Iterator[Piece]:
     for f in files:
-        stats.files += 1
         name = f.name[:-3] if f.name.endswith(".gz") else f.name
         if name.endswith(".jsonl"):
             yield from jsonl_pieces(f, text_field, strict, stats)
@@ -320,24 +304,27 @@ def parquet_pieces(path: Path, text_field: str, stats: ReadStats) -> Iterator[Pi
     names = pf.schema_arrow.names
     if text_field not in names:
         raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); set --text-field")
-    stats.files += 1
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
         for value in batch.column(0).to_pylist():
             row += 1
-            yield from _row_pieces(value, f"{path}#{row}", f"{path}: row {row}", text_field, stats)
+            yield from _row_pieces(value, f"{path}: row {row}", text_field, stats)
 
 
-def _row_pieces(value, key: str, where: str, text_field: str, stats: ReadStats) -> Iterator[Piece]:
+def _row_pieces(value, where: str, text_field: str, stats: ReadStats) -> Iterator[Piece]:
     if value is None:
         return
     if not isinstance(value, str):
         raise UserError(f"{where}: {text_field!r} must be text, got {type(value).__name__}")
     stats.bytes += len(value.encode("utf-8", errors="replace"))
+    yield from _text_pieces(value)
+
+
+def _text_pieces(value: str) -> Iterator[Piece]:
+    """One document's text in pieces of at most PIECE_CHARS (none if it is only whitespace)."""
     if value.strip():
-        stats.documents += 1
         for start in range(0, len(value), PIECE_CHARS):
-            yield Piece(value[start:start + PIECE_CHARS], key, final=start + PIECE_CHARS >= len(value))
+            yield Piece(value[start:start + PIECE_CHARS], final=start + PIECE_CHARS >= len(value))
 
 
 def is_hf_dataset_folder(p: Path) -> bool:
@@ -355,12 +342,11 @@ def hf_dataset_pieces(path: Path, text_field: str, stats: ReadStats) -> Iterator
         raise UserError(f"{path}: a DatasetDict with splits {', '.join(ds)}; give one split's folder, e.g. {path}/{next(iter(ds))}")
     if text_field not in ds.column_names:
         raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); set --text-field")
-    stats.files += 1
     row = 0
     for batch in ds.select_columns([text_field]).iter(batch_size=1024):
         for value in batch[text_field]:
             row += 1
-            yield from _row_pieces(value, f"{path}#{row}", f"{path}: row {row}", text_field, stats)
+            yield from _row_pieces(value, f"{path}: row {row}", text_field, stats)
 
 
 # -- inputs as units (one shard each) ---------------------------------------------------------------------
@@ -400,9 +386,7 @@ class FingerprintCache:
     def save(self) -> None:
         if self.changed:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.known))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(self.known))
 
 
 def units(paths: list[str], fps: FingerprintCache) -> list[Unit]:

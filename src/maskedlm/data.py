@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ import numpy as np
 from . import corpus
 from .config import DataConfig
 from .errors import UserError
+from .paths import atomic_write
 from .progress import Progress
 from .tokenizer import Tokenizer
 
@@ -205,9 +206,7 @@ def build_tokenizer(cfg: DataConfig, inp: _Inputs | None = None, log=print) -> T
         raise UserError(f"the training text of {inp.description} is empty (no tokens to learn a vocabulary from)")
     log(f"trained a {cfg.tokenizer} tokenizer ({tok.vocab_size} tokens) on {inp.description} in {time.time() - t0:.1f}s")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(tok.hf.to_str(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, tok.hf.to_str())
     return tok
 
 
@@ -429,37 +428,47 @@ def _assemble(folder: Path, shards: list[Path], tok: Tokenizer, description: str
             note = f"the corpus is a single document; held out its last {cfg.valid_fraction:.0%} of tokens for validation"
         moved = {"shard": last, "cut": cut}
     with _Staging(folder) as tmp:
-        for split in ("train", "valid"):
-            with open(tmp / f"{split}.idx", "wb") as fi, open(tmp / f"{split}.sent", "wb") as fs:
-                base, docs = 0, 0
-                np.zeros(1, dtype=np.int64).tofile(fi)
-                for i, s in enumerate(shards):
-                    _, offs, sent = _load_shard_split(s, split, dtype)
-                    lo, hi = 0, int(offs[-1])
-                    if moved and i == moved["shard"]:
-                        if split == "train":
-                            hi = moved["cut"]
-                        else:  # the moved range comes after any held-out text (there is none)
-                            continue
-                    _write_offsets(fi, fs, offs, sent, lo, hi, base)
-                    base += hi - lo
-                if moved and split == "valid":
-                    _, offs, sent = _load_shard_split(shards[moved["shard"]], "train", dtype)
-                    _write_offsets(fi, fs, offs, sent, moved["cut"], int(offs[-1]), base, force_start=True)
-        meta = {"format": FORMAT_VERSION, "tokenizer_hash": tok.hash, "tokenizer_kind": tok.kind,
-                "vocab_size": tok.vocab_size, "dtype": dtype.name, "max_token_id": max(m["max_token_id"] for m in metas),
-                "inputs": description, "shards": [s.name for s in shards], "moved_to_valid": moved,
+        counts = _write_dataset_offsets(tmp, shards, dtype, moved)
+        meta = {**_dataset_meta(tok, shards, metas, moved, t0), "tokenizer_kind": tok.kind, "vocab_size": tok.vocab_size,
+                "dtype": dtype.name, "inputs": description, "bytes_read": sum(m["bytes_read"] for m in metas),
                 "settings": {"valid_fraction": cfg.valid_fraction, "doc_boundary": cfg.doc_boundary,
-                             "text_field": cfg.text_field, "strict_utf8": cfg.strict_utf8},
-                "bytes_read": sum(m["bytes_read"] for m in metas),
-                "replaced_chars": sum(m["replaced_chars"] for m in metas),
-                "replaced_where": [w for m in metas for w in m["replaced_where"]][:5],
-                "note": note, "seconds": round(time.time() - t0, 2)}
-        for split in ("train", "valid"):
-            offs = np.fromfile(tmp / f"{split}.idx", dtype=np.int64)
-            meta[split] = {"tokens": int(offs[-1]), "documents": len(offs) - 1}
+                             "text_field": cfg.text_field, "strict_utf8": cfg.strict_utf8}, "note": note, **counts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _write_dataset_offsets(tmp: Path, shards: list[Path], dtype: np.dtype, moved: dict | None) -> dict:
+    """Each split's document and sentence offsets over all shards, as one virtual stream (train.idx,
+    train.sent, valid.idx, valid.sent); with `moved`, the range [cut, end) of that shard's training text
+    goes to the end of the held-out split. Returns the splits' token and document counts."""
+    counts = {}
+    for split in ("train", "valid"):
+        with open(tmp / f"{split}.idx", "wb") as fi, open(tmp / f"{split}.sent", "wb") as fs:
+            base = 0
+            np.zeros(1, dtype=np.int64).tofile(fi)
+            for i, s in enumerate(shards):
+                _, offs, sent = _load_shard_split(s, split, dtype)
+                lo, hi = 0, int(offs[-1])
+                if moved and i == moved["shard"]:
+                    if split == "train":
+                        hi = moved["cut"]
+                    else:  # the moved range comes after any held-out text (there is none)
+                        continue
+                _write_offsets(fi, fs, offs, sent, lo, hi, base)
+                base += hi - lo
+            if moved and split == "valid":
+                _, offs, sent = _load_shard_split(shards[moved["shard"]], "train", dtype)
+                _write_offsets(fi, fs, offs, sent, moved["cut"], int(offs[-1]), base, force_start=True)
+        offs = np.fromfile(tmp / f"{split}.idx", dtype=np.int64)
+        counts[split] = {"tokens": int(offs[-1]), "documents": len(offs) - 1}
+    return counts
+
+
+def _dataset_meta(tok: Tokenizer, shards: list[Path], metas: list[dict], moved: dict | None, t0: float) -> dict:
+    return {"format": FORMAT_VERSION, "tokenizer_hash": tok.hash, "shards": [s.name for s in shards],
+            "max_token_id": max(m["max_token_id"] for m in metas), "moved_to_valid": moved,
+            "replaced_chars": sum(m["replaced_chars"] for m in metas),
+            "replaced_where": [w for m in metas for w in m["replaced_where"]][:5], "seconds": round(time.time() - t0, 2)}
 
 
 def _write_offsets(fi, fs, offs: np.ndarray, sent: np.ndarray, lo: int, hi: int, base: int, force_start: bool = False) -> None:
@@ -533,19 +542,8 @@ def prepare_eval(paths: list[str], cfg: DataConfig, tokenizer: Tokenizer, log=pr
         if sum(m["valid"]["tokens"] for m in metas) == 0:
             raise UserError(f"the evaluation text ({', '.join(paths)}) is empty")
         with _Staging(folder) as tmp:
-            dtype = token_dtype(tokenizer.vocab_size)
-            for split in ("train", "valid"):
-                with open(tmp / f"{split}.idx", "wb") as fi, open(tmp / f"{split}.sent", "wb") as fs:
-                    np.zeros(1, dtype=np.int64).tofile(fi)
-                    base = 0
-                    for s in shards:
-                        _, offs, sent = _load_shard_split(s, split, dtype)
-                        _write_offsets(fi, fs, offs, sent, 0, int(offs[-1]), base)
-                        base += int(offs[-1])
-            meta = {"format": FORMAT_VERSION, "tokenizer_hash": tokenizer.hash, "shards": [s.name for s in shards],
-                    "max_token_id": max(m["max_token_id"] for m in metas), "moved_to_valid": None,
-                    "replaced_chars": sum(m["replaced_chars"] for m in metas),
-                    "replaced_where": [w for m in metas for w in m["replaced_where"]][:5], "seconds": round(time.time() - t0, 2)}
+            _write_dataset_offsets(tmp, shards, token_dtype(tokenizer.vocab_size), None)
+            meta = _dataset_meta(tokenizer, shards, metas, None, t0)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     meta = _read_meta(folder, tokenizer, log)
     return _load(folder, cache_root(cfg) / "shards", tokenizer, meta)[1]

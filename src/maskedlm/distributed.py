@@ -1,4 +1,5 @@
-"""torchrun integration: process-group setup and teardown, rank helpers, all-reduces.
+"""torchrun integration: process-group setup and teardown, rank helpers, all-reduces, and the one place
+where data parallelism (DDP or FSDP2) and the bf16 compute copy are applied to a model, from outside it.
 
 `maskedlm pretrain` under `torchrun --nproc_per_node=N -m maskedlm pretrain ...` reads the environment
 torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and joins the group: NCCL when training on
@@ -8,9 +9,11 @@ rank runs the same code; logging and saving go through `is_main`.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -85,6 +88,58 @@ def init(device_type: str, timeout_s: float = 600.0) -> Dist:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- parallelism, applied from outside the model ----------------------------------------------------------
+
+
+@dataclass
+class Parallel:
+    """A model as training runs it.
+
+    model:   the fp32 master weights the optimizer updates and checkpoints save (FSDP shards them in place)
+    compute: what forward and backward run on: a bf16 copy of `model` (refreshed after every update by the
+             training step), or `model` itself
+    runner:  `compute` as called, wrapped in DistributedDataParallel under torchrun (DDP)
+    """
+
+    model: torch.nn.Module
+    compute: torch.nn.Module
+    runner: torch.nn.Module
+    dist: "Dist"
+    fsdp: bool
+
+
+def parallelize(model: torch.nn.Module, dist: "Dist | None" = None, *, mode: Literal["ddp", "fsdp"] = "ddp",
+                amp_dtype: torch.dtype | None = None, compile: bool = False, nsp: bool = False) -> Parallel:
+    """Apply precision, compilation and data parallelism to `model` (before its optimizer is built: FSDP
+    replaces the parameters with shards).
+
+    DDP (the default under torchrun): the compute copy is replicated and its gradients all-reduced.
+    FSDP2: `model` is sharded, with its own mixed precision (no separate compute copy). Without torchrun
+    both are a single process. With `compile`, the encoder (fixed batch and sequence shapes) is compiled
+    in place; the MLM head, whose row count varies with the mask, stays eager. Without `nsp`, the pooler
+    and NSP head never get a gradient: they are frozen in the compute copy so that DDP does not wait for
+    them."""
+    dist = dist or Dist()
+    fsdp = mode == "fsdp" and dist.active
+    if fsdp:
+        apply_fsdp(model, amp_dtype)
+        compute = model
+    else:
+        compute = copy.deepcopy(model).to(amp_dtype) if amp_dtype is not None else model
+        if not nsp:
+            for p in [*compute.bert.pooler.parameters(), *compute.nsp.parameters()]:
+                p.requires_grad_(False)
+    if compile:
+        compute.bert.compile(dynamic=False)
+    runner = compute
+    if dist.active and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        runner = DistributedDataParallel(compute, device_ids=[device.index] if device.type == "cuda" else None)
+    return Parallel(model, compute, runner, dist, fsdp)
 
 
 # -- FSDP (fully_shard) -----------------------------------------------------------------------------------

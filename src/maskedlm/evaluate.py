@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load, read_config
-from .config import MaskConfig
 from .batches import PackedSequences, PairSource
+from .config import MaskConfig
 from .data import prepare, prepare_eval
 from .distributed import Dist
+from .errors import UserError
+from .loading import open_folder
 from .masking import MaskSpec
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision
@@ -103,18 +104,20 @@ class Evaluator:
 
 def evaluate_run(run: str | Path, valid: list[str] | None = None, device: str = "auto",
                  precision: str = "auto", log=print) -> EvalResult:
-    """Evaluate a run folder on its own held-out split, or on the given files."""
-    cfg = read_config(Path(run))
+    """Evaluate a run folder (or one of its checkpoints) on its own held-out split, or on the given files."""
     dev = resolve_device(device)
-    model, tokenizer = load(run, dev)
+    loaded = open_folder(run, dev)
+    if loaded.config is None:
+        raise UserError(f"{run}: a {loaded.kind} folder; evaluate takes a maskedlm run folder or checkpoint")
+    cfg, model, tokenizer = loaded.config, loaded.model, loaded.tokenizer
     if valid:
         split = prepare_eval(valid, cfg.data, tokenizer, log=log)
     else:
         split = prepare(cfg.data, tokenizer=tokenizer, log=log).valid
     seqs = PackedSequences(split, cfg.data.seq_len, tokenizer.special, pad_last=True, what="held-out")
-    pair_objective = {"mlm+nsp": "nsp", "mlm+sop": "sop"}.get(cfg.train.objective)
-    pairs = (PairSource(split, cfg.data.seq_len, tokenizer.special, pair_objective, cfg.train.eval_seed,
-                        short_seq_prob=cfg.data.short_seq_prob) if pair_objective else None)
+    task = cfg.train.pair_task
+    pairs = (PairSource(split, cfg.data.seq_len, tokenizer.special, task, cfg.train.eval_seed,
+                        short_seq_prob=cfg.data.short_seq_prob) if task else None)
     evaluator = Evaluator(seqs, tokenizer, cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed, pairs=pairs)
     bar = Progress(len(evaluator.batches) + len(evaluator.pair_batches), "evaluating", unit="batch")
     try:

@@ -1,5 +1,5 @@
-"""Predictions for [MASK] tokens, and the seed's sample view: held-out text with masked positions shown as
-the model's guesses, coloured right/wrong."""
+"""Predictions for [MASK] tokens, and the sample view of labml.ai's annotated MLM experiment: held-out
+text with masked positions shown as the model's guesses, coloured right/wrong."""
 
 from __future__ import annotations
 
@@ -64,19 +64,25 @@ def _join(tokens: list[str], kind: str) -> str:
     return out
 
 
-def sample_view(model: BertForPreTraining, tokenizer: Tokenizer, stream: np.ndarray, *, lines: int = 3,
-                window: int = 48, mask_prob: float = 0.15, seed: int = 0, color: bool = True,
-                amp_dtype: torch.dtype | None = None) -> str:
-    """Windows of held-out tokens with ~mask_prob of them replaced by [MASK], rendered as the model's
-    predictions: green if right, red if wrong (plain text: [guess] if right, [guess|truth] if wrong)."""
+@dataclass
+class SampleToken:
+    token: str  # the held-out token
+    guess: str | None = None  # the model's prediction where the token was masked, else None
+    correct: bool = False
+
+
+def sample_rows(model: BertForPreTraining, tokenizer: Tokenizer, stream: np.ndarray, *, lines: int = 3,
+                window: int = 48, mask_prob: float = 0.15, seed: int = 0,
+                amp_dtype: torch.dtype | None = None) -> list[list[SampleToken]]:
+    """Evenly spaced windows of held-out tokens with ~mask_prob of them replaced by [MASK], each token with
+    the model's guess where it was masked. Windows where nothing was drawn are left out."""
     if len(stream) == 0:
-        return ""
+        return []
     gen = torch.Generator().manual_seed(seed)
     window = min(window, len(stream))
-    starts = np.linspace(0, len(stream) - window, num=lines).astype(int)
-    out, right, total = [], 0, 0
     special = tokenizer.special
-    for start in dict.fromkeys(starts):  # unique, in order
+    rows = []
+    for start in dict.fromkeys(np.linspace(0, len(stream) - window, num=lines).astype(int).tolist()):
         body = torch.as_tensor(np.asarray(stream[start:start + window], dtype=np.int64))
         ids = torch.cat([torch.tensor([special.cls]), body, torch.tensor([special.sep])])
         chosen = select_positions(ids, special_ids=special.all(), mask_prob=mask_prob, generator=gen)
@@ -84,21 +90,30 @@ def sample_view(model: BertForPreTraining, tokenizer: Tokenizer, stream: np.ndar
             continue
         positions = chosen.nonzero().squeeze(1)
         masked = torch.where(chosen, torch.full_like(ids, special.mask), ids)
-        guesses = mask_logits(model, masked, positions, amp_dtype).argmax(-1).tolist()
-        guess_at = dict(zip(positions.tolist(), guesses))
-        pieces: list[str] = []
+        guesses = dict(zip(positions.tolist(), mask_logits(model, masked, positions, amp_dtype).argmax(-1).tolist()))
+        row = []
         for pos in range(1, len(ids) - 1):
-            truth = tokenizer.id_to_token(int(ids[pos]))
-            if pos not in guess_at:
-                pieces.append(truth)
-                continue
-            guess = tokenizer.id_to_token(guess_at[pos])
-            ok = guess_at[pos] == int(ids[pos])
-            right, total = right + ok, total + 1
-            pieces.append(_mark(guess, truth, ok, color, tokenizer.kind))
-        out.append(_join(pieces, tokenizer.kind))
-    header = f"masked predictions on held-out text: {right}/{total} right"
-    return "\n".join([header] + ["  " + line for line in out])
+            token = SampleToken(tokenizer.id_to_token(int(ids[pos])))
+            if pos in guesses:
+                token.guess, token.correct = tokenizer.id_to_token(guesses[pos]), guesses[pos] == int(ids[pos])
+            row.append(token)
+        rows.append(row)
+    return rows
+
+
+def sample_view(model: BertForPreTraining, tokenizer: Tokenizer, stream: np.ndarray, *, lines: int = 3,
+                window: int = 48, mask_prob: float = 0.15, seed: int = 0, color: bool = True,
+                amp_dtype: torch.dtype | None = None) -> str:
+    """The sample rows as text: masked positions shown as the model's predictions, green if right, red if
+    wrong (plain text: [guess] if right, [guess|truth] if wrong)."""
+    rows = sample_rows(model, tokenizer, stream, lines=lines, window=window, mask_prob=mask_prob, seed=seed,
+                       amp_dtype=amp_dtype)
+    masked = [t for row in rows for t in row if t.guess is not None]
+    out = [f"masked predictions on held-out text: {sum(t.correct for t in masked)}/{len(masked)} right"]
+    for row in rows:
+        pieces = [t.token if t.guess is None else _mark(t.guess, t.token, t.correct, color, tokenizer.kind) for t in row]
+        out.append("  " + _join(pieces, tokenizer.kind))
+    return "\n".join(out) if len(stream) else ""
 
 
 def _mark(guess: str, truth: str, ok: bool, color: bool, kind: str) -> str:

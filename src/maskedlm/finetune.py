@@ -13,22 +13,21 @@ import csv
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
-from .config import FinetuneConfig, ModelConfig
+from .config import FinetuneConfig
 from .errors import UserError
+from .loading import load_for_init, save_classifier
 from .model import BertForSequenceClassification
-from .optim import param_groups
+from .optim import build_optimizer, clip_gradients, set_lr
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision
+from .schedules import lr_factor
 from .tokenizer import Tokenizer
-
-TASK = "sequence-classification"
 
 
 @dataclass
@@ -141,17 +140,15 @@ class FinetuneResult:
 def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train: tuple[list, list[int]],
                      valid: tuple[list, list[int]], cfg: FinetuneConfig, device, log=print,
                      progress: bool | None = None) -> FinetuneResult:
-    """Fine-tune `model` in place on encoded (examples, label ids); keeps the best epoch's weights."""
+    """Fine-tune `model` in place on encoded (examples, label ids); keeps the best epoch's weights.
+    The optimizer, learning-rate schedule (linear warmup and decay) and clipping are pre-training's."""
     amp = resolve_precision("auto", device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(train[1]) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_frac * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    opt = build_optimizer(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = math.ceil(len(train[1]) / cfg.batch_size) * cfg.epochs
+    step = 0
     pad = tok.special.pad
     best, best_state, history, stale = -1.0, None, [], 0
     bar = Progress(total, "fine-tuning", unit="step", enabled=progress)
@@ -161,13 +158,14 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
         rng.shuffle(order)
         loss_sum = 0.0
         for ids, types, mask, y in _batches(train[0], train[1], cfg.batch_size, pad, order):
+            step += 1
+            set_lr(opt, cfg.lr * lr_factor(step / total, cfg.warmup_frac))
             with autocast(device, amp):
                 logits = model(ids.to(device), mask.to(device), types.to(device))
             loss = F.cross_entropy(logits.float(), y.to(device))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip_gradients(list(model.parameters()), cfg.clip_grad)
             opt.step()
-            sched.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach()) * len(y)
             bar.update(1, f"epoch {epoch} loss {float(loss.detach()):.4f}")
@@ -190,8 +188,7 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
 
 def finetune(run: str | Path, cfg: FinetuneConfig, log=print) -> FinetuneResult:
     """Fine-tune the encoder of a run (or Hugging Face BERT folder) on labelled data; save the classifier."""
-    from .checkpoint import load_for_init
-
+    cfg.validate()
     device = resolve_device(cfg.device)
     base, tok, _ = load_for_init(run)
     train_ex, valid_ex = read_examples(cfg.train, cfg), read_examples(cfg.valid, cfg)
@@ -216,29 +213,3 @@ def finetune(run: str | Path, cfg: FinetuneConfig, log=print) -> FinetuneResult:
     result.out_dir = out
     log(f"validation: accuracy {result.accuracy:.1%}, macro-F1 {result.macro_f1:.3f}; saved to {out}")
     return result
-
-
-def save_classifier(model: BertForSequenceClassification, tok: Tokenizer, labels: list[str], cfg: FinetuneConfig,
-                    out: Path, metrics: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_weights(model, out / checkpoint.WEIGHTS)
-    checkpoint.atomic_write_text(out / checkpoint.CONFIG, json.dumps(
-        {"task": TASK, "model": asdict(model.config), "labels": labels, "finetune": asdict(cfg)}, indent=2) + "\n")
-    tok.save(out)
-    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-
-def load_classifier(folder: str | Path) -> tuple[BertForSequenceClassification, Tokenizer, list[str]]:
-    folder = Path(folder)
-    cfg = json.loads((folder / checkpoint.CONFIG).read_text())
-    model = BertForSequenceClassification(ModelConfig(**cfg["model"]), len(cfg["labels"]), cfg["finetune"]["dropout"])
-    checkpoint.load_weights(model, folder / checkpoint.WEIGHTS)
-    return model.eval(), Tokenizer.from_file(folder / checkpoint.TOKENIZER), cfg["labels"]
-
-
-def is_classifier_folder(folder: str | Path) -> bool:
-    p = Path(folder) / checkpoint.CONFIG
-    try:
-        return p.is_file() and json.loads(p.read_text()).get("task") == TASK
-    except (ValueError, OSError):
-        return False

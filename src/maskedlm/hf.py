@@ -13,7 +13,6 @@ hold `BertModel`, `BertForMaskedLM` or `BertForPreTraining` weights (safetensors
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ModelConfig
+from .config import ModelConfig
 from .errors import UserError
 from .model import BertForPreTraining
+from .paths import CONFIG, WEIGHTS, atomic_path, atomic_write
 from .tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
 _EMBEDDINGS = {
@@ -120,17 +120,32 @@ def export_model(model: BertForPreTraining, tokenizer: Tokenizer, out: str | Pat
     With `nsp`, the architecture is `BertForPreTraining` (pooler and NSP head included); otherwise
     `BertForMaskedLM` (what the run trained).
     """
+    skip = set() if nsp else set(_POOLER) | set(_NSP_HEAD)
+    names = {k: v for k, v in key_map(model.config.num_layers).items() if k not in skip}
+    architecture = "BertForPreTraining" if nsp else "BertForMaskedLM"
+    return _write_folder(out, hf_state(model, names), hf_config(model.config, architecture), tokenizer, lowercase)
+
+
+def export_classifier(model, tokenizer: Tokenizer, labels: list[str], out: str | Path, *,
+                      lowercase: bool | None = None) -> Path:
+    """Write a fine-tuned classifier as a transformers `BertForSequenceClassification` folder."""
+    cfg = model.config
+    names = {**key_map(cfg.num_layers), "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+    config = hf_config(cfg, "BertForSequenceClassification")
+    config.update(id2label={str(i): label for i, label in enumerate(labels)},
+                  label2id={label: i for i, label in enumerate(labels)},
+                  classifier_dropout=model.dropout.p, problem_type="single_label_classification")
+    return _write_folder(out, hf_state(model, names), config, tokenizer, lowercase)
+
+
+def _write_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, tokenizer: Tokenizer,
+                  lowercase: bool | None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    skip = set() if nsp else set(_POOLER) | set(_NSP_HEAD)
-    state = hf_state(model, {k: v for k, v in key_map(cfg.num_layers).items() if k not in skip})
-    architecture = "BertForPreTraining" if nsp else "BertForMaskedLM"
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, architecture), indent=2) + "\n")
-    save_hf_tokenizer(tokenizer, out, max_length=cfg.max_position, lowercase=lowercase)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write(out / CONFIG, json.dumps(config, indent=2) + "\n")
+    save_hf_tokenizer(tokenizer, out, max_length=config["max_position_embeddings"], lowercase=lowercase)
     return out
 
 
@@ -146,51 +161,13 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, *, max_length: int, lower
     else:
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
     tok_cfg.update(specials, model_max_length=max_length, clean_up_tokenization_spaces=False)
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    atomic_write(out / "tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
+    atomic_write(out / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
 
 
 def _is_lowercasing(tokenizer: Tokenizer) -> bool:
     norm = json.loads(tokenizer.hf.to_str()).get("normalizer") or {}
     return bool(norm.get("lowercase", False))
-
-
-def export_classifier(model, tokenizer: Tokenizer, labels: list[str], out: str | Path, *,
-                      lowercase: bool | None = None) -> Path:
-    """Write a fine-tuned classifier as a transformers `BertForSequenceClassification` folder."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    names = {**key_map(cfg.num_layers), "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
-    state = hf_state(model, names)
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    config = hf_config(cfg, "BertForSequenceClassification")
-    config.update(id2label={str(i): label for i, label in enumerate(labels)},
-                  label2id={label: i for i, label in enumerate(labels)},
-                  classifier_dropout=model.dropout.p, problem_type="single_label_classification")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_hf_tokenizer(tokenizer, out, max_length=cfg.max_position, lowercase=lowercase)
-    return out
-
-
-def export_run(run: str | Path, out: str | Path) -> Path:
-    """Export a run folder (see `export_model`), or a fine-tuned classifier (see `export_classifier`)."""
-    from .checkpoint import load, read_config
-    from .finetune import is_classifier_folder, load_classifier
-
-    if is_classifier_folder(run):
-        model, tokenizer, labels = load_classifier(run)
-        return export_classifier(model, tokenizer, labels, out)
-    cfg = read_config(Path(run))
-    model, tokenizer = load(run)
-    return export_model(model, tokenizer, out, nsp=_trained_nsp(cfg), lowercase=cfg.data.lowercase
-                        if cfg.data.tokenizer == "wordpiece" else None)
-
-
-def _trained_nsp(cfg: Config) -> bool:
-    return getattr(cfg.train, "objective", "mlm") != "mlm"
 
 
 # -- import -----------------------------------------------------------------------------------------------
@@ -209,7 +186,7 @@ class ImportReport:
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    p = Path(path) / "config.json"
+    p = Path(path) / CONFIG
     if not p.is_file():
         return False
     try:
@@ -220,7 +197,7 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def read_hf_config(folder: Path) -> ModelConfig:
     """Our ModelConfig from a transformers config.json; refuses what is not a BERT we can run."""
-    path = folder / "config.json"
+    path = folder / CONFIG
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -254,7 +231,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a transformers checkpoint: model.safetensors (single or sharded), else
     pytorch_model.bin through torch.load(weights_only=True) — never an arbitrary pickle."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    single, index = folder / WEIGHTS, folder / f"{WEIGHTS}.index.json"
     files: list[Path] = []
     if single.is_file():
         files = [single]

@@ -1,10 +1,10 @@
 """Masked-language-model masking, as pure functions.
 
-BERT's procedure (the seed's): select each non-special token with probability `mask_prob` (15%); the model
-is trained to predict the original token at the selected positions only. Of the selected positions, 80%
-are replaced by `[MASK]`, 10% by a random token and 10% are left unchanged, so that the model must keep a
-useful representation of every input token (there is no `[MASK]` at fine-tuning time) and must use the
-context to repair the random ones.
+BERT's procedure (Devlin et al. 2019, as labml.ai's annotated MLM page presents it): select each
+non-special token with probability `mask_prob` (15%); the model is trained to predict the original token
+at the selected positions only. Of the selected positions, 80% are replaced by `[MASK]`, 10% by a random
+token and 10% are left unchanged, so that the model must keep a useful representation of every input
+token (there is no `[MASK]` at fine-tuning time) and must use the context to repair the random ones.
 
 Everything here is vectorised and runs on the device of the batch; randomness comes only from the
 `torch.Generator` passed in (which must live on the same device), so a mask is reproducible from the
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .config import MaskConfig
 
 IGNORE_INDEX = -100
 
@@ -149,50 +151,44 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """The arguments of masking that are fixed for a run (the tokenizer's ids and the mask config).
+    """Masking as a run applies it: the tokenizer's ids and the run's `MaskConfig`.
 
-    strategy: 'token' (BERT), 'whole_word' or 'span' (SpanBERT); each selects ~mask_prob of the tokens and
-    then applies the same 80/10/10 rule. Whole-word masking needs `joins` / `breaks` tables (see
-    `word_starts`).
+    config.strategy: 'token' (BERT), 'whole_word' or 'span' (SpanBERT); each selects ~mask_prob of the
+    tokens and then applies the same 80/10/10 rule. Whole-word masking needs `joins` / `breaks` tables
+    (see `word_starts`).
     """
 
     mask_token_id: int
     vocab_size: int
     special_ids: tuple[int, ...]
-    mask_prob: float = 0.15
-    mask_token_frac: float = 0.8
-    random_token_frac: float = 0.1
-    strategy: str = "token"
-    span_p: float = 0.2
-    span_max: int = 10
+    config: MaskConfig = field(default_factory=MaskConfig)
     joins: torch.Tensor | None = field(default=None, compare=False, repr=False)
     breaks: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, mask_config) -> "MaskSpec":
+    def from_tokenizer(cls, tokenizer, config: MaskConfig) -> "MaskSpec":
         """From a `Tokenizer` and a `MaskConfig`."""
         joins = breaks = None
-        if mask_config.strategy == "whole_word":
+        if config.strategy == "whole_word":
             joins, breaks = tokenizer.word_tables()
-        return cls(tokenizer.special.mask, tokenizer.vocab_size, tokenizer.special.all(), mask_config.mask_prob,
-                   mask_config.mask_token_frac, mask_config.random_token_frac, mask_config.strategy,
-                   mask_config.span_p, mask_config.span_max, joins, breaks)
+        return cls(tokenizer.special.mask, tokenizer.vocab_size, tokenizer.special.all(), config, joins, breaks)
 
     def select(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The positions to predict, (B, T) bool."""
-        if self.strategy == "whole_word":
+        c = self.config
+        if c.strategy == "whole_word":
             dev = input_ids.device
             starts = word_starts(input_ids, joins=self.joins.to(dev), breaks=self.breaks.to(dev),
                                  special_ids=self.special_ids)
-            return select_whole_words(input_ids, starts, special_ids=self.special_ids, mask_prob=self.mask_prob,
+            return select_whole_words(input_ids, starts, special_ids=self.special_ids, mask_prob=c.mask_prob,
                                       generator=generator)
-        if self.strategy == "span":
-            return select_spans(input_ids, special_ids=self.special_ids, mask_prob=self.mask_prob, p=self.span_p,
-                                max_len=self.span_max, generator=generator)
-        return select_positions(input_ids, special_ids=self.special_ids, mask_prob=self.mask_prob, generator=generator)
+        if c.strategy == "span":
+            return select_spans(input_ids, special_ids=self.special_ids, mask_prob=c.mask_prob, p=c.span_p,
+                                max_len=c.span_max, generator=generator)
+        return select_positions(input_ids, special_ids=self.special_ids, mask_prob=c.mask_prob, generator=generator)
 
     def __call__(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         selected = self.select(input_ids, generator)
         return apply_mask(input_ids, selected, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
-                          special_ids=self.special_ids, mask_token_frac=self.mask_token_frac,
-                          random_token_frac=self.random_token_frac, generator=generator)
+                          special_ids=self.special_ids, mask_token_frac=self.config.mask_token_frac,
+                          random_token_frac=self.config.random_token_frac, generator=generator)

@@ -1,19 +1,59 @@
-"""Optimizers beyond PyTorch's: LAMB, for large global batches (NVIDIA's BERT recipe); weight-decay groups.
+"""Optimizer construction and gradient clipping, shared by pre-training and fine-tuning; LAMB.
 
-No maintained LAMB runs on every device: apex's FusedLAMB is CUDA-only and `torch-optimizer` is
-unmaintained, so LAMB is written here, in plain PyTorch over lists of tensors.
+AdamW is PyTorch's (fused where the device has the kernel). LAMB, for large global batches (NVIDIA's BERT
+recipe), is written here: no maintained LAMB runs on every device (apex's FusedLAMB is CUDA-only and
+`torch-optimizer` is unmaintained), so it is plain PyTorch over lists of tensors.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
+
+from .config import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights) only, not on biases and LayerNorms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """Weight decay on matrices (linear and embedding weights) only, not on biases and LayerNorms. Every
+    parameter is in a group (one that never gets a gradient, e.g. an unused head, is simply not updated),
+    so a checkpoint's optimizer state lines up with the model whatever was frozen."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, kind: Literal["adamw", "lamb"] = "adamw", *, lr: float,
+                    weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+                    ) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters) on CPU and CUDA, foreach elsewhere and on FSDP's
+    sharded parameters; or LAMB. Weight decay on matrices only (`param_groups`)."""
+    groups = param_groups(model, weight_decay)
+    if kind == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps)
+    device = next(model.parameters()).device
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP's DTensors: foreach
+    fused = device.type in ("cpu", "cuda") and not sharded
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """The pre-training optimizer that `t` describes."""
+    return build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm` (0: no clipping); returns the norm before clipping
+    (a plain tensor, gathered from FSDP's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class Lamb(torch.optim.Optimizer):

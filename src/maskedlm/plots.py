@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .paths import RunDir
 
 
 def read_metrics(run: str | Path, since: int = 0) -> tuple[list[dict], int]:
     """Records of metrics.jsonl from line `since` on (a line still being written is left for next time),
     and the line to continue from."""
-    path = Path(run) / "metrics.jsonl"
+    path = RunDir(Path(run)).metrics
     if not path.is_file():
         return [], since
     records, n = [], 0
@@ -62,7 +63,7 @@ def plot_metrics(run: str | Path, out: str | Path | None = None) -> Path:
     a_acc.legend()
     fig.suptitle(Path(run).name)
     fig.tight_layout()
-    path = Path(out) if out else Path(run) / "metrics.png"
+    path = Path(out) if out else RunDir(Path(run)).plot
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

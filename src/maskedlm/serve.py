@@ -26,8 +26,15 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import torch
 
+from .checkpoint import read_config
+from .data import prepare
 from .errors import UserError
+from .fill import fill_mask, sample_rows
+from .hf import is_hf_folder
+from .loading import open_folder
+from .paths import RunDir
 from .plots import read_metrics
+from .tokenizer import Tokenizer
 
 MAX_BODY = 16 * 1024  # bytes of a request body
 MAX_TEXT = 2000  # characters of a fill-mask text
@@ -44,7 +51,7 @@ class RunModel:
     """The run's model and tokenizer, reloaded when newer weights appear (a run still training)."""
 
     def __init__(self, run: Path, device: str = "cpu"):
-        self.run, self.device = run, torch.device(device)
+        self.run, self.device = RunDir(run), torch.device(device)
         self.lock = threading.Lock()
         self.model = self.tokenizer = None
         self.source: str | None = None
@@ -53,57 +60,41 @@ class RunModel:
         self.refresh()
 
     def _weights_stamp(self) -> tuple:
-        final = self.run / "model.safetensors"
-        pointer = self.run / "checkpoints" / "latest"
+        final, pointer = self.run.weights, self.run.latest
         return (final.stat().st_mtime_ns if final.exists() else None,
                 pointer.read_text().strip() if pointer.exists() else None)
 
     def refresh(self) -> None:
-        from .checkpoint import find_checkpoint, load, load_weights, read_config
-        from .hf import is_hf_folder
-        from .model import BertForPreTraining
-        from .tokenizer import Tokenizer
-
+        """Load the final weights, else the newest checkpoint's (only its weights), else just the tokenizer."""
         stamp = self._weights_stamp()
         if stamp == self._stamp and self.model is not None:
             return
         with self.lock:
-            if stamp[0] is not None or is_hf_folder(self.run):
-                self.model, self.tokenizer = load(self.run, self.device)
-                self.source = "model.safetensors"
-            elif stamp[1] is not None:
-                cfg = read_config(self.run)
-                ckpt = find_checkpoint(self.run)  # only the weights: not the optimizer state and RNG files
-                model = BertForPreTraining(cfg.model)
-                load_weights(model, ckpt / "model.safetensors")
-                self.model, self.tokenizer = model.to(self.device).eval(), Tokenizer.from_file(self.run / "tokenizer.json")
-                self.source = f"checkpoint {ckpt.name}"
+            if stamp != (None, None) or is_hf_folder(self.run.path):
+                loaded = open_folder(self.run.path, self.device, live=True)
+                self.model, self.tokenizer, self.source = loaded.model, loaded.tokenizer, loaded.source
             else:
                 self.model, self.source = None, None
-                if (self.run / "tokenizer.json").is_file():
-                    self.tokenizer = Tokenizer.from_file(self.run / "tokenizer.json")
+                if self.run.tokenizer.is_file():
+                    self.tokenizer = Tokenizer.from_file(self.run.tokenizer)
             self._stamp = stamp
 
     def info(self) -> dict:
-        from .checkpoint import read_config
-
         out = {"run": self.run.name, "weights": self.source}
         try:
-            cfg = read_config(self.run)
+            cfg = read_config(self.run.path)
             out["model"] = {k: getattr(cfg.model, k) for k in ("num_layers", "hidden_size", "num_heads", "vocab_size",
                                                                "max_position")}
             out["tokenizer"] = self.tokenizer.kind if self.tokenizer else None
         except UserError:
             if self.model is not None:
                 out["model"] = {"num_layers": self.model.config.num_layers, "hidden_size": self.model.config.hidden_size}
-        records, _ = read_metrics(self.run)
+        records, _ = read_metrics(self.run.path)
         steps = [r["step"] for r in records if "step" in r]
         out["step"] = max(steps) if steps else None
         return out
 
     def fill(self, text: str, top_k: int) -> dict:
-        from .fill import fill_mask
-
         self.refresh()
         if self.model is None:
             raise _BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the run has no weights yet (no checkpoint written so far)")
@@ -118,130 +109,114 @@ class RunModel:
 
     def sample(self, lines: int) -> dict:
         """Held-out windows with ~15% of tokens masked: each token with the model's guess where masked."""
-        from .checkpoint import read_config
-        from .data import prepare
-        from .masking import select_positions
-
         self.refresh()
         if self.model is None:
             raise _BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the run has no weights yet")
         if self._sample_stream is None:
             try:
-                cfg = read_config(self.run)
-                self._sample_stream = np.asarray(prepare(cfg.data, tokenizer=self.tokenizer, log=lambda *a: None).valid.tokens[:20000])
+                cfg = read_config(self.run.path)
+                valid = prepare(cfg.data, tokenizer=self.tokenizer, log=lambda *a: None).valid
+                self._sample_stream = np.asarray(valid.tokens[:20000])
             except UserError as e:
                 raise _BadRequest(HTTPStatus.NOT_FOUND, f"no held-out text for this run ({e})") from None
-        stream, tok = self._sample_stream, self.tokenizer
-        from .fill import mask_logits
-
-        gen = torch.Generator().manual_seed(0)
-        window = min(48, len(stream))
-        out, right, total = [], 0, 0
         with self.lock:
-            for start in dict.fromkeys(np.linspace(0, len(stream) - window, num=lines).astype(int).tolist()):
-                ids = torch.tensor([tok.special.cls, *stream[start:start + window].tolist(), tok.special.sep])
-                chosen = select_positions(ids, special_ids=tok.special.all(), mask_prob=0.15, generator=gen)
-                pos = chosen.nonzero().squeeze(1)
-                guesses = {}
-                if len(pos):
-                    masked = torch.where(chosen, torch.full_like(ids, tok.special.mask), ids)
-                    guesses = dict(zip(pos.tolist(), mask_logits(self.model, masked, pos).argmax(-1).tolist()))
-                row = []
-                for p in range(1, len(ids) - 1):
-                    t = {"token": tok.id_to_token(int(ids[p]))}
-                    if p in guesses:
-                        t.update(masked=True, guess=tok.id_to_token(guesses[p]), correct=guesses[p] == int(ids[p]))
-                        right, total = right + t["correct"], total + 1
-                    row.append(t)
-                out.append(row)
-        return {"lines": out, "right": right, "total": total, "kind": tok.kind}
+            rows = sample_rows(self.model, self.tokenizer, self._sample_stream, lines=lines)
+        out = [[{"token": t.token} if t.guess is None else {"token": t.token, "masked": True, "guess": t.guess,
+                                                            "correct": t.correct} for t in row] for row in rows]
+        masked = [t for row in rows for t in row if t.guess is not None]
+        return {"lines": out, "right": sum(t.correct for t in masked), "total": len(masked), "kind": self.tokenizer.kind}
 
 
 def _page() -> bytes:
     return (importlib.resources.files("maskedlm") / "static" / "index.html").read_bytes()
 
 
+class _Server(ThreadingHTTPServer):
+    """The HTTP server with what its handlers serve: the run's model and the page."""
+
+    def __init__(self, address: tuple[str, int], state: RunModel):
+        super().__init__(address, _Handler)
+        self.state, self.page = state, _page()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "maskedlm"
+
+    def log_message(self, fmt, *args):  # quiet: no line per request
+        pass
+
+    def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, obj, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _handle(self, fn) -> None:
+        try:
+            fn()
+        except _BadRequest as e:
+            self._json({"error": str(e)}, e.status)
+        except UserError as e:
+            self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self._handle(self._get)
+
+    def do_POST(self):  # noqa: N802
+        self._handle(self._post)
+
+    def do_PUT(self):  # noqa: N802
+        self._json({"error": "method not allowed"}, HTTPStatus.METHOD_NOT_ALLOWED)
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _get(self) -> None:
+        url = urlparse(self.path)
+        q, state = parse_qs(url.query), self.server.state
+        if url.path in ("/", "/index.html"):
+            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
+        elif url.path == "/api/info":
+            self._json(state.info())
+        elif url.path == "/api/metrics":
+            records, nxt = read_metrics(state.run.path, _int(q, "since", 0, 0, 10**9))
+            self._json({"records": records, "next": nxt})
+        elif url.path == "/api/sample":
+            self._json(state.sample(_int(q, "lines", 3, 1, 10)))
+        else:
+            raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
+
+    def _post(self) -> None:
+        if urlparse(self.path).path != "/api/fill":
+            raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body must be JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, 'expected {"text": "...", "top_k": 5}')
+        text = body["text"]
+        if len(text) > MAX_TEXT:
+            raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"text over {MAX_TEXT} characters")
+        top_k = body.get("top_k", 5)
+        if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, f"top_k must be an integer from 1 to {MAX_TOP_K}")
+        self._json(self.server.state.fill(text, top_k))
+
+
 def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> ThreadingHTTPServer:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"no such run folder: {run}")
-    state = RunModel(run, device)
-    page = _page()
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "maskedlm"
-
-        def log_message(self, fmt, *args):  # quiet: no line per request
-            pass
-
-        def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, obj, status: HTTPStatus = HTTPStatus.OK) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
-
-        def _handle(self, fn) -> None:
-            try:
-                fn()
-            except _BadRequest as e:
-                self._json({"error": str(e)}, e.status)
-            except UserError as e:
-                self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
-
-        def do_GET(self):  # noqa: N802 (http.server's naming)
-            url = urlparse(self.path)
-            q = parse_qs(url.query)
-
-            def get():
-                if url.path in ("/", "/index.html"):
-                    self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
-                elif url.path == "/api/info":
-                    self._json(state.info())
-                elif url.path == "/api/metrics":
-                    since = _int(q, "since", 0, 0, 10**9)
-                    records, nxt = read_metrics(run, since)
-                    self._json({"records": records, "next": nxt})
-                elif url.path == "/api/sample":
-                    self._json(state.sample(_int(q, "lines", 3, 1, 10)))
-                else:
-                    raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
-
-            self._handle(get)
-
-        def do_POST(self):  # noqa: N802
-            def post():
-                if urlparse(self.path).path != "/api/fill":
-                    raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
-                try:
-                    body = json.loads(self.rfile.read(length) or b"{}")
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body must be JSON") from None
-                if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-                    raise _BadRequest(HTTPStatus.BAD_REQUEST, 'expected {"text": "...", "top_k": 5}')
-                text = body["text"]
-                if len(text) > MAX_TEXT:
-                    raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"text over {MAX_TEXT} characters")
-                top_k = body.get("top_k", 5)
-                if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-                    raise _BadRequest(HTTPStatus.BAD_REQUEST, f"top_k must be an integer from 1 to {MAX_TOP_K}")
-                self._json(state.fill(text, top_k))
-
-            self._handle(post)
-
-        def do_PUT(self):  # noqa: N802
-            self._json({"error": "method not allowed"}, HTTPStatus.METHOD_NOT_ALLOWED)
-
-        do_DELETE = do_PATCH = do_PUT
-
-    return ThreadingHTTPServer((host, port), Handler)
+    return _Server((host, port), RunModel(run, device))
 
 
 def _int(q: dict, key: str, default: int, lo: int, hi: int) -> int:

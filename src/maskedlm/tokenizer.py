@@ -1,4 +1,5 @@
-"""Tokenizers: WordPiece trained on the corpus, character-level (the seed's experiment), or loaded from a file.
+"""Tokenizers: WordPiece trained on the corpus, character-level (labml.ai's annotated MLM experiment), or
+loaded from a file.
 
 All kinds are Hugging Face `tokenizers` objects underneath, so tokenisation runs in Rust on all cores
 (`encode_batch`), the same `tokenizer.json` is what `transformers` loads, and there is one code path for
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import UserError
+from .paths import TOKENIZER, VOCAB, atomic_write
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # ids 0..4 in the tokenizers we train
@@ -93,7 +95,7 @@ class Tokenizer:
         """Load a `tokenizer.json`, a BERT `vocab.txt`, or a folder holding one of them."""
         p = Path(path)
         if p.is_dir():
-            for name in ("tokenizer.json", "vocab.txt"):
+            for name in (TOKENIZER, VOCAB):
                 if (p / name).is_file():
                     return cls.from_file(p / name)
             raise UserError(f"{p}: no tokenizer.json or vocab.txt in this folder")
@@ -143,16 +145,6 @@ class Tokenizer:
     def encode(self, text: str, pair: str | None = None, special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, pair, add_special_tokens=special_tokens).ids
 
-    def iter_encode(self, texts: Iterable[str], batch: int = 1024) -> Iterator[list[int]]:
-        buf: list[str] = []
-        for t in texts:
-            buf.append(t)
-            if len(buf) == batch:
-                yield from self.encode_batch(buf)
-                buf = []
-        if buf:
-            yield from self.encode_batch(buf)
-
     def id_to_token(self, i: int) -> str:
         return self.hf.id_to_token(i) or UNK
 
@@ -186,8 +178,8 @@ class Tokenizer:
         """Write tokenizer.json (and vocab.txt for WordPiece, as BERT tooling expects)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "tokenizer.json").write_text(self.hf.to_str(), encoding="utf-8")
+        atomic_write(folder / TOKENIZER, self.hf.to_str())
         if self.kind == "wordpiece":
             vocab = self.hf.get_vocab(with_added_tokens=True)
             by_id = sorted(vocab.items(), key=lambda kv: kv[1])
-            (folder / "vocab.txt").write_text("".join(t + "\n" for t, _ in by_id), encoding="utf-8")
+            atomic_write(folder / VOCAB, "".join(t + "\n" for t, _ in by_id))

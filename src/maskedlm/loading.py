@@ -1,0 +1,160 @@
+"""Loading any folder maskedlm reads, and writing the classifier folders fine-tuning makes.
+
+One entry point above the formats: `open_folder(PATH)` tells what PATH is and loads it:
+
+    a run folder           config.json (maskedlm's) + tokenizer.json + model.safetensors; a run still
+                           training (no final weights yet) serves its newest checkpoint when `live`
+    a checkpoint folder    RUN/checkpoints/step-N: its weights, with the run's config and tokenizer
+    a transformers folder  config.json with a model_type (see hf.py): BertModel / ForMaskedLM / ForPreTraining
+    a classifier folder    `maskedlm finetune`'s output: config.json with "task", model.safetensors, tokenizer
+
+`load(PATH)` is the public `maskedlm.load`: the model and tokenizer of any of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .checkpoint import find_checkpoint, load_weights, read_config, read_json, save_weights
+from .config import Config, FinetuneConfig, ModelConfig
+from .errors import UserError
+from .hf import ImportReport, export_classifier, export_model, is_hf_folder, load_hf
+from .model import BertForPreTraining, BertForSequenceClassification
+from .paths import CONFIG, TOKENIZER, WEIGHTS, CheckpointDir, RunDir, atomic_write
+from .tokenizer import Tokenizer
+
+CLASSIFIER_TASK = "sequence-classification"
+
+Kind = Literal["run", "checkpoint", "transformers", "classifier"]
+
+
+@dataclass
+class Loaded:
+    """A model folder, loaded: the model (eval mode) and tokenizer, and what they came from."""
+
+    model: BertForPreTraining | BertForSequenceClassification
+    tokenizer: Tokenizer
+    kind: Kind
+    source: str  # which weights: 'model.safetensors', 'checkpoint step-00001000', 'BertForMaskedLM weights'
+    config: Config | None = None  # a run's (run and checkpoint folders)
+    labels: list[str] | None = None  # a classifier's
+    report: ImportReport | None = None  # a transformers folder's
+
+
+def folder_kind(path: str | Path) -> Kind:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"no such run folder: {p}")
+    if (p / CheckpointDir.MANIFEST).is_file():
+        return "checkpoint"
+    if is_hf_folder(p):
+        return "transformers"
+    if is_classifier_folder(p):
+        return "classifier"
+    return "run"
+
+
+def open_folder(path: str | Path, device: str | torch.device = "cpu", *, live: bool = False) -> Loaded:
+    """Load whatever model folder `path` is (see the module docstring)."""
+    path = Path(path)
+    kind = folder_kind(path)
+    if kind == "transformers":
+        model, tokenizer, report = load_hf(path)
+        loaded = Loaded(model, tokenizer, kind, report.describe(), report=report)
+    elif kind == "classifier":
+        model, tokenizer, labels = load_classifier(path)
+        loaded = Loaded(model, tokenizer, kind, WEIGHTS, labels=labels)
+    elif kind == "checkpoint":
+        loaded = _load_run(CheckpointDir(path).run, CheckpointDir(path))
+    else:
+        run = RunDir(path)
+        ckpt = find_checkpoint(path) if live and not run.weights.is_file() and run.latest.is_file() else None
+        loaded = _load_run(run, ckpt)
+    loaded.model = loaded.model.to(device).eval()
+    return loaded
+
+
+def _load_run(run: RunDir, ckpt: CheckpointDir | None) -> Loaded:
+    """A run's model: its final weights, or only the weights of checkpoint `ckpt` (not its optimizer state)."""
+    cfg = read_config(run.path)
+    tokenizer = Tokenizer.from_file(run.tokenizer)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise UserError(f"{run.path}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
+    model = BertForPreTraining(cfg.model)
+    if ckpt is None:
+        load_weights(model, run.weights)
+        return Loaded(model, tokenizer, "run", WEIGHTS, config=cfg)
+    load_weights(model, ckpt / ckpt.WEIGHTS)
+    return Loaded(model, tokenizer, "checkpoint", f"checkpoint {ckpt.name}", config=cfg)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPreTraining, Tokenizer]:
+    """`model, tokenizer = maskedlm.load(PATH)`: a maskedlm run folder, one of its checkpoints, a Hugging Face
+    BERT folder (BertModel / BertForMaskedLM / BertForPreTraining weights and its tokenizer), or a fine-tuned
+    classifier folder (then the model is a BertForSequenceClassification). Eval mode."""
+    loaded = open_folder(path, device)
+    return loaded.model, loaded.tokenizer
+
+
+def load_for_init(path: str | Path) -> tuple[BertForPreTraining, Tokenizer, str]:
+    """The model and tokenizer to continue pre-training (or fine-tune) from, and a line saying what was
+    loaded: a run folder, a checkpoint, or a transformers BERT folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--init-from: no such folder: {path}")
+    loaded = open_folder(path)
+    if loaded.kind == "classifier":
+        raise UserError(f"{path}: a fine-tuned classifier; start from the run or transformers folder it came from")
+    note = {"transformers": loaded.source, "checkpoint": f"loaded a maskedlm {loaded.source}"}.get(loaded.kind, "loaded a maskedlm run")
+    return loaded.model, loaded.tokenizer, note
+
+
+def export_folder(path: str | Path, out: str | Path) -> Path:
+    """Write a run (or checkpoint, or fine-tuned classifier) folder as a transformers folder."""
+    loaded = open_folder(path)
+    if loaded.kind == "classifier":
+        return export_classifier(loaded.model, loaded.tokenizer, loaded.labels, out)
+    if loaded.kind == "transformers":
+        raise UserError(f"{path}: already a transformers folder")
+    cfg = loaded.config
+    return export_model(loaded.model, loaded.tokenizer, out, nsp=cfg.train.pair_task is not None,
+                        lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
+
+
+# -- classifier folders (maskedlm finetune) ---------------------------------------------------------------
+
+
+def save_classifier(model: BertForSequenceClassification, tok: Tokenizer, labels: list[str], cfg: FinetuneConfig,
+                    out: Path, metrics: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / WEIGHTS)
+    atomic_write(out / CONFIG, json.dumps({"task": CLASSIFIER_TASK, "model": asdict(model.config), "labels": labels,
+                                           "finetune": asdict(cfg)}, indent=2) + "\n")
+    tok.save(out)
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def load_classifier(folder: str | Path) -> tuple[BertForSequenceClassification, Tokenizer, list[str]]:
+    folder = Path(folder)
+    raw = read_json(folder / CONFIG, "a classifier's config")
+    try:
+        model_cfg = ModelConfig(**raw["model"])
+        dropout, labels = raw["finetune"]["dropout"], raw["labels"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{folder / CONFIG}: not a maskedlm classifier config ({e})") from None
+    model = BertForSequenceClassification(model_cfg, len(labels), dropout)
+    load_weights(model, folder / WEIGHTS)
+    return model.eval(), Tokenizer.from_file(folder / TOKENIZER), labels
+
+
+def is_classifier_folder(folder: str | Path) -> bool:
+    p = Path(folder) / CONFIG
+    try:
+        return p.is_file() and json.loads(p.read_text()).get("task") == CLASSIFIER_TASK
+    except (ValueError, OSError, AttributeError):
+        return False

@@ -1,0 +1,93 @@
+"""Training metrics: sums over the steps since the last record, and the records' destinations
+(RUN/metrics.jsonl, and TensorBoard with --tensorboard).
+
+A record of training steps holds the mean masked-token loss and accuracy over its steps, the learning
+rate, the last gradient norm, tokens per second, model-FLOPs utilisation (flops.py) and where the run
+stands; an evaluation record has "split": "valid".
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .checkpoint import TrainState
+from .config import ModelConfig
+from .errors import UserError
+from .evaluate import EvalResult
+from .flops import train_flops
+from .paths import RunDir
+from .step import StepStats
+
+
+class Window:
+    """Sums over the steps since the last record. The step's tensors are summed on the training device, so
+    nothing is read back (no sync with the device) until `record`."""
+
+    def __init__(self, model: ModelConfig):
+        self.model = model
+        self.steps, self.time, self.data_time, self.tokens, self.encoder_flops, self.sequences = 0, 0.0, 0.0, 0, 0.0, 0
+        self.sums: torch.Tensor | None = None  # (5,) float64: mlm loss, predicted, correct, nsp loss, nsp correct
+
+    def add(self, stats: StepStats, seconds: float, data_seconds: float, batch: int, seq_len: int, world: int) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=stats.loss_sum.device)
+        step = torch.stack([stats.loss_sum.double(), stats.predicted.double(), stats.correct.double(),
+                            zero if stats.nsp_loss_sum is None else stats.nsp_loss_sum.double(),
+                            zero if stats.nsp_correct is None else stats.nsp_correct.double()])
+        self.sums = step if self.sums is None else self.sums + step
+        self.steps += 1
+        self.time += seconds
+        self.data_time += data_seconds
+        self.tokens += batch * seq_len * world
+        self.encoder_flops += train_flops(self.model, batch * world, seq_len, 0)  # + the head's, per prediction
+        if stats.nsp_loss_sum is not None:
+            self.sequences += stats.sequences
+
+    def record(self, state: TrainState, lr: float, stats: StepStats, peak: float, epoch: float, seq_len: int) -> dict:
+        loss_sum, predicted, correct, nsp_sum, nsp_correct = self.sums.tolist()
+        n, secs, pred = max(self.steps, 1), max(self.time, 1e-9), max(predicted, 1)
+        flops = self.encoder_flops + predicted * train_flops(self.model, 0, seq_len, 1)
+        entry = {"step": state.step, "loss": loss_sum / pred, "accuracy": correct / pred, "lr": lr,
+                 "grad_norm": float(stats.grad_norm), "tokens_per_s": self.tokens / secs, "mfu": flops / secs / peak,
+                 "elapsed": state.elapsed, "tokens": state.tokens, "epoch": epoch, "seq_len": seq_len,
+                 "step_ms": 1e3 * self.time / n, "data_ms": 1e3 * self.data_time / n,
+                 "skipped_steps": state.skipped_steps}
+        if self.sequences:
+            entry["nsp_loss"] = nsp_sum / self.sequences
+            entry["nsp_accuracy"] = nsp_correct / self.sequences
+        return entry
+
+
+class MetricsLog:
+    """Appends records to RUN/metrics.jsonl (and TensorBoard); a no-op on ranks other than 0."""
+
+    def __init__(self, run: RunDir, enabled: bool, tensorboard: bool):
+        self.file = open(run.metrics, "a", encoding="utf-8") if enabled else None
+        self.tb = None
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(run.tensorboard))
+
+    def write(self, entry: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            prefix = "valid/" if entry.get("split") == "valid" else "train/"
+            for k, v in entry.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(prefix + k, v, entry["step"])
+            self.tb.flush()
+
+    def write_eval(self, state: TrainState, result: EvalResult) -> None:
+        self.write({"step": state.step, "split": "valid", **result.as_dict(), "elapsed": state.elapsed})
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()

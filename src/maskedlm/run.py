@@ -1,0 +1,186 @@
+"""A pre-training run assembled from its config: where it starts (fresh, `--resume`, `--init-from`), its
+data and evaluator, the model with precision and parallelism applied, the optimizer, the generators, the
+batch feed and the checkpointer. `train.py` runs the loop over what `build_run` returns.
+
+Under torchrun every rank builds the same run; rank 0 prepares the data first and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .batches import PackedSequences, PairSource
+from .checkpoint import Checkpoint, Checkpointer, TrainState, read_checkpoint, restore_rng, save_config
+from .config import Config
+from .data import Prepared, prepare
+from .distributed import Dist, Parallel, load_optimizer_state, parallelize
+from .errors import UserError
+from .evaluate import EvalResult, Evaluator
+from .feed import DataFeed
+from .loading import load_for_init
+from .masking import MaskSpec
+from .model import BertForPreTraining
+from .optim import make_optimizer
+from .paths import RunDir, new_run_dir
+from .runtime import resolve_precision
+from .step import TrainStep
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Run:
+    cfg: Config
+    dir: RunDir
+    device: torch.device
+    dist: Dist
+    amp_dtype: torch.dtype | None
+    tok: Tokenizer
+    data: Prepared
+    evaluator: Evaluator
+    parallel: Parallel
+    step: TrainStep
+    state: TrainState
+    feed: DataFeed
+    checkpointer: Checkpointer
+    log: Callable[..., None]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The fp32 master model (sharded under FSDP)."""
+        return self.parallel.model
+
+    def evaluate(self) -> EvalResult:
+        return self.evaluator(self.model, self.device, self.amp_dtype)
+
+    def describe(self) -> str:
+        m, t, d = self.cfg.model, self.cfg.train, self.dist
+        stop = " or ".join(([f"{t.max_steps} steps"] if t.max_steps else []) + ([f"{t.time_budget:g}s"] if t.time_budget else []))
+        return (f"model: {m.preset or 'custom'} ({m.num_layers}L/{m.hidden_size}H, "
+                f"{self.model.num_parameters() / 1e6:.1f}M parameters), vocab {m.vocab_size}, "
+                f"seq {self.cfg.data.seq_len}, batch {t.batch_size}, on {self.device}"
+                f"{f' x {d.world} ranks' if d.active else ''} ({'bf16 mixed precision' if self.amp_dtype else 'fp32'}); "
+                f"{self.feed.size():,} training {'pairs' if t.pair_task else 'sequences'}"
+                + (f" (length schedule {t.seq_len_schedule})" if t.seq_len_schedule else "")
+                + (f"; objective {t.objective}" if t.pair_task else "") + f"; stop at {stop}; run folder {self.dir.path}")
+
+
+@dataclass
+class _Start:
+    """Where a run starts: its folder, and a checkpoint to resume or a model to continue from."""
+
+    dir: RunDir
+    checkpoint: Checkpoint | None = None
+    model: BertForPreTraining | None = None
+    tokenizer: Tokenizer | None = None
+
+
+def build_run(cfg: Config, device: torch.device, dist: Dist, log) -> Run:
+    t = cfg.train
+    if t.batch_size % (dist.world * t.grad_accum):
+        raise UserError(f"--batch-size {t.batch_size} must divide by world size x --grad-accum ({dist.world} x {t.grad_accum})")
+    start = _resume(cfg, dist, log) if t.resume else _fresh(cfg, dist, log)
+    t.out = str(start.dir.path)
+    data = _prepare(cfg, start.tokenizer, dist, log)
+    tok = data.tokenizer
+    amp_dtype = resolve_precision(t.precision, device)
+    fsdp = t.parallel == "fsdp" and dist.active
+    evaluator = _evaluator(cfg, data, Dist() if fsdp else dist, log)  # FSDP: every rank in every forward
+
+    torch.manual_seed(t.seed)
+    model = BertForPreTraining(cfg.model)
+    if start.model is not None:
+        model.load_state_dict(start.model.state_dict())
+    if start.checkpoint is not None:
+        model.load_state_dict(start.checkpoint.weights)
+    model = model.to(device).train()
+    parallel = parallelize(model, dist, mode=t.parallel, amp_dtype=amp_dtype, compile=t.compile,
+                           nsp=t.pair_task is not None)  # before the optimizer: FSDP shards the parameters
+    optimizer = make_optimizer(model, t)
+    mask_gen = torch.Generator(device=device).manual_seed(t.seed)
+    state = TrainState()
+    if (ckpt := start.checkpoint) is not None:
+        load_optimizer_state(model, optimizer, ckpt.optimizer_state(), parallel.fsdp)
+        state = dataclasses.replace(ckpt.state.train_state)
+        restore_rng(ckpt.rng, ckpt.state.rng, mask_gen, dist.rank)
+    feed = DataFeed(cfg, data.train, tok.special, dist, device, state)
+    step = TrainStep(parallel, optimizer, MaskSpec.from_tokenizer(tok, cfg.mask), mask_gen, grad_accum=t.grad_accum,
+                     clip_grad=t.clip_grad)
+    checkpointer = Checkpointer(start.dir, dist, model, optimizer, mask_gen, cfg, tok.hash, fsdp=parallel.fsdp,
+                                resumed_from=ckpt.path if ckpt else None, log=log)
+    if dist.is_main:
+        save_config(cfg, start.dir.config)
+        tok.save(start.dir.path)
+    return Run(cfg, start.dir, device, dist, amp_dtype, tok, data, evaluator, parallel, step, state, feed,
+               checkpointer, log)
+
+
+def _resume(cfg: Config, dist: Dist, log) -> _Start:
+    """Continue a run exactly from a checkpoint; refuse settings that would change what it computes."""
+    t = cfg.train
+    ckpt = read_checkpoint(t.resume)
+    saved = ckpt.state.config
+    # The shape comes from the run; only then compare what the user asked for with what it was.
+    cfg.model.vocab_size, cfg.model.pad_token_id = saved.model.vocab_size, saved.model.pad_token_id
+    diffs = saved.fixed_differences(cfg)
+    if ckpt.state.world_size != dist.world:
+        diffs.append(f"world size: {ckpt.state.world_size} -> {dist.world}")
+    if diffs and not t.allow_config_change:
+        raise UserError(f"--resume would change the run: {'; '.join(diffs)} (pass --allow-config-change to accept)")
+    run = ckpt.path.run
+    tok = Tokenizer.from_file(run.tokenizer)
+    if tok.hash != ckpt.state.tokenizer_hash:
+        raise UserError(f"{run.path}: tokenizer.json has hash {tok.hash[:12]}, the checkpoint was "
+                        f"trained with {ckpt.state.tokenizer_hash[:12]}")
+    log(f"resuming {run.path} from {ckpt.path.name} (step {ckpt.state.step})"
+        + (f"; changed: {'; '.join(diffs)}" if diffs else ""))
+    return _Start(run, checkpoint=ckpt, tokenizer=tok)
+
+
+def _fresh(cfg: Config, dist: Dist, log) -> _Start:
+    """A new run folder; with --init-from, the given model's shape, weights and tokenizer (this run's dropout)."""
+    run = RunDir(Path(dist.broadcast_object(str(new_run_dir(cfg.train.out)) if dist.is_main else None)))
+    if not cfg.train.init_from:
+        return _Start(run)
+    model, tok, note = load_for_init(cfg.train.init_from)
+    dropout = cfg.model.hidden_dropout, cfg.model.attention_dropout
+    cfg.model = dataclasses.replace(model.config, preset=None)
+    cfg.model.hidden_dropout, cfg.model.attention_dropout = dropout
+    log(f"{cfg.train.init_from}: {note}")
+    return _Start(run, model=model, tokenizer=tok)
+
+
+def _prepare(cfg: Config, tokenizer: Tokenizer | None, dist: Dist, log) -> Prepared:
+    """Rank 0 prepares (or finds) the data, then the others read the same cache; the model's vocabulary
+    follows the tokenizer unless it came with the model (resume, init-from)."""
+    if not dist.is_main:
+        dist.barrier()
+    data = prepare(cfg.data, tokenizer=tokenizer, log=log)
+    if dist.is_main:
+        dist.barrier()
+    if tokenizer is None:
+        cfg.model.vocab_size, cfg.model.pad_token_id = data.tokenizer.vocab_size, data.tokenizer.special.pad
+    if data.meta["max_token_id"] >= cfg.model.vocab_size:
+        raise UserError(f"{data.folder}: token id {data.meta['max_token_id']} >= the model's vocabulary of "
+                        f"{cfg.model.vocab_size}")
+    if cfg.data.seq_len > cfg.model.max_position:
+        raise UserError(f"--seq-len {cfg.data.seq_len} exceeds the model's {cfg.model.max_position} positions")
+    return data
+
+
+def _evaluator(cfg: Config, data: Prepared, dist: Dist, log) -> Evaluator:
+    """Fixed masks on the held-out sequences (and held-out sentence pairs, for NSP / SOP)."""
+    seq_len, special, task = cfg.data.seq_len, data.tokenizer.special, cfg.train.pair_task
+    pairs = None
+    if task:
+        try:
+            pairs = PairSource(data.valid, seq_len, special, task, cfg.train.eval_seed,
+                               short_seq_prob=cfg.data.short_seq_prob)
+        except UserError as e:  # e.g. one held-out document: no random B for NSP
+            log(f"note: no held-out {task.upper()} accuracy ({e})")
+    return Evaluator(PackedSequences(data.valid, seq_len, special, pad_last=True, what="held-out"), data.tokenizer,
+                     cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed, pairs=pairs, dist=dist)
