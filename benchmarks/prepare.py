@@ -30,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 PEER = r"""
 import sys, datasets
@@ -111,7 +110,7 @@ def main(argv=None):
     (work / "corpus").mkdir()
     files = generate(work / "corpus", args.gb, args.files)
     size = sum(f.stat().st_size for f in files)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = dict(os.environ)
     ours = measure([sys.executable, "-m", "maskedlm", "prepare", "--train", str(work / "corpus"), "--tokenizer",
                     str(tok_file), "--workers", str(args.workers), "--cache-dir", str(work / "ours")], env)
     meta = json.loads(ours["stdout"][ours["stdout"].index("{"):])

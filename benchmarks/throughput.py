@@ -172,8 +172,7 @@ def pretrain_tokens_per_s(shape: str, seq: int, batch: int, steps: int, device: 
            "--seq-len", str(seq), "--batch-size", str(batch), "--max-steps", str(steps), "--log-every", "5",
            "--eval-every", "0", "--eval-sequences", "64", "--checkpoint-every", "0", "--no-sample",
            "--device", device, "--out", str(out)]
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    subprocess.run(cmd, check=True, capture_output=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]  # skip warm-up windows
     return statistics.median(rates)
