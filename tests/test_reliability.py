@@ -332,3 +332,26 @@ print(json.dumps({{"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
     out = json.loads(res.stdout)
     assert out["train"]["tokens"] + out["valid"]["tokens"] == line.stat().st_size + 1  # + the document's [SEP]
     assert out["rss_mb"] < 1500, out["rss_mb"]
+
+
+@pytest.mark.slow
+def test_a_run_folder_written_by_maskedlm_0_1_before_step_10_still_resumes(tmp_path):
+    """tests/data/run-before-step10: a run folder at its step-10 checkpoint, written by the code before the
+    Step 10 restructuring (commit 92e0f47; 1 layer, width 32, vocabulary 300, fp32, the embedded corpus).
+    Resuming it gives the losses that code logged for steps 11-20 in the same uninterrupted run (to within
+    float noise: the reference was computed on another machine's CPU kernels), and its checkpoint loads."""
+    import shutil
+
+    from maskedlm import load
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "data" / "run-before-step10", run)
+    expected = {int(k): v for k, v in json.loads((run / "expected_losses.json").read_text()).items()}
+    model, _ = load(run / "checkpoints" / "step-00000010")
+    assert model.config.num_layers == 1 and model.config.vocab_size == 300
+    res = subprocess.run([sys.executable, "-m", "maskedlm", "pretrain", "--resume", str(run)], env=cli_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = losses(run)
+    assert sorted(expected) == list(range(11, 21)) and set(got) == set(range(1, 21))
+    assert all(abs(got[s] - expected[s]) < 1e-4 * expected[s] for s in expected), [(s, got[s], expected[s]) for s in expected]

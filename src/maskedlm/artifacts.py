@@ -13,9 +13,9 @@ from dataclasses import asdict
 from .checkpoint import save_weights
 from .distributed import full_model_state
 from .errors import UserError
-from .evaluate import EvalResult
+from .evaluate import STANDARD_MASK, EvalResult
 from .fill import sample_view
-from .hf import export_model
+from .hf import export_trained
 from .model import BertForPreTraining
 from .paths import atomic_write
 from .run import Run
@@ -27,16 +27,15 @@ def write_artifacts(run: Run, last_eval: EvalResult) -> None:
     probe = None
     if run.dist.is_main:
         save_weights(model, run.dir.weights)
-        export_model(model, run.tok, run.dir.hf, nsp=t.pair_task is not None,
-                     lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
+        export_trained(model, run.tok, cfg, run.dir.hf)
         if t.probe or (t.probe is None and not cfg.data.train and cfg.data.corpus == "shakespeare"):
             from .probe import genre_probe
 
             probe = genre_probe(model.to(run.device), run.tok, run.device, seed=t.seed, log=run.log)
         atomic_write(run.dir.eval, json.dumps({"step": state.step, **last_eval.as_dict(), "train_state": asdict(state),
                                                **({"probe": probe} if probe else {})}, indent=2) + "\n")
-    tps = state.tokens / max(state.elapsed, 1e-9)
-    run.log(f"done: {state.step} steps, {state.tokens:,} tokens in {state.elapsed:.0f}s ({tps / 1e3:.1f}k tokens/s)"
+    run.log(f"done: {state.step} steps, {state.tokens:,} tokens in {state.elapsed:.0f}s "
+            f"({state.tokens_per_second / 1e3:.1f}k tokens/s)"
             + (f"; {state.skipped_steps} step(s) skipped (non-finite)" if state.skipped_steps else ""))
     pair = f", {t.pair_task.upper()} accuracy {last_eval.nsp_accuracy:.1%}" if last_eval.nsp_accuracy is not None else ""
     run.log(f"held-out: loss {last_eval.loss:.3f}, masked-token accuracy {last_eval.accuracy:.1%}, "
@@ -51,7 +50,7 @@ def write_artifacts(run: Run, last_eval: EvalResult) -> None:
     if t.sample and run.dist.is_main:
         on_device = next(model.parameters()).device == run.device  # an FSDP copy stays on the CPU unless probed
         model.eval()
-        run.log(sample_view(model, run.tok, run.data.valid.tokens, mask_prob=cfg.mask.mask_prob, seed=t.eval_seed,
+        run.log(sample_view(model, run.tok, run.data.valid.tokens, mask_prob=STANDARD_MASK.mask_prob, seed=t.eval_seed,
                             color=sys.stdout.isatty(), amp_dtype=run.amp_dtype if on_device else None))
     run.log(f"saved to {run.dir.path}")
 

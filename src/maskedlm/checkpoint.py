@@ -40,6 +40,7 @@ from .config import Config
 from .distributed import Dist
 from .errors import UserError
 from .paths import CheckpointDir, RunDir, atomic_path, atomic_write, fsync
+from .schedules import TrainState
 
 FORMAT = 1
 
@@ -109,18 +110,6 @@ def read_config(run: Path) -> Config:
 
 
 @dataclass
-class TrainState:
-    """Everything about the run's position that is not in the weights and optimizer (plain values)."""
-
-    step: int = 0
-    tokens: int = 0  # training tokens consumed
-    elapsed: float = 0.0  # seconds spent training (evaluations excluded)
-    data_position: int | list[int] | None = 0  # the data source's position in its phase (see batches.py)
-    phase: int = 0  # index in the sequence-length schedule
-    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
-
-
-@dataclass
 class CheckpointState:
     """state.json: what a checkpoint holds besides tensors."""
 
@@ -134,7 +123,10 @@ class CheckpointState:
     format: int = FORMAT
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "config": self.config.to_dict()}, indent=1)
+        return json.dumps({"format": self.format, "step": self.step, "train_state": asdict(self.train_state),
+                           "config": self.config.to_dict(), "tokenizer_hash": self.tokenizer_hash,
+                           "world_size": self.world_size, "rng": self.rng,
+                           "optimizer_param_groups": self.optimizer_param_groups}, indent=1)
 
     @classmethod
     def from_json(cls, raw: Any, where: Path) -> "CheckpointState":
@@ -267,13 +259,14 @@ def find_checkpoint(path: str | Path) -> CheckpointDir:
     return ckpt
 
 
-def verify_checkpoint(ckpt: CheckpointDir) -> None:
-    """Check every file against manifest.json; a missing file or a changed byte is an error naming it."""
+def verify_checkpoint(ckpt: CheckpointDir, files: tuple[str, ...] = CheckpointDir.FILES) -> None:
+    """Check `files` (all by default) against manifest.json; a missing file or a changed byte is an error
+    naming it."""
     try:
         manifest = json.loads((ckpt / ckpt.MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{ckpt.path}: unreadable manifest.json ({e})") from None
-    for f in ckpt.FILES:
+    for f in files:
         if f not in manifest or not (ckpt / f).is_file():
             raise UserError(f"{ckpt.path}: {f} is missing; the checkpoint is incomplete")
         if _sha256(ckpt / f) != manifest[f]:

@@ -129,6 +129,12 @@ class ModelConfig:
                                       "CPU (as Cramming trains) and exports to transformers as zero biases")
     layer_norm_eps: float = _f(1e-12, help="LayerNorm epsilon (BERT's 1e-12)")
     init_std: float = _f(0.02, help="std of the normal weight initialisation")
+    qk_init_std: Optional[float] = _f(None, help="std of the initial query and key weights (default: --init-std); "
+                                                  "larger values start attention away from uniform averaging")
+    position_init: Literal["normal", "sinusoidal"] = _f("normal", help="initial position table: normal like every weight (BERT), "
+                                                        "or sinusoids (Vaswani et al.) of the same RMS; learned either way")
+    mlm_bias_init: Literal["zero", "unigram"] = _f("zero", help="initial MLM output bias: zero (BERT), or the log unigram "
+                                                  "frequencies of the training tokens, so the head starts at the unigram guess")
     vocab_size: int = _f(0, derived=True, fixed=True, help="set from the tokenizer")
     pad_token_id: int = _f(0, derived=True, help="set from the tokenizer")
 
@@ -179,13 +185,17 @@ class TrainConfig:
     batch_ramp: Optional[BatchRamp] = _f(None, help="batch-size warmup 'START:FRACTION': from START sequences to --batch-size, linearly over that fraction of the run")
     optimizer: Literal["adamw", "lamb"] = _f("adamw", help="AdamW, or LAMB for large global batches")
     grad_accum: int = _f(1, help="micro-batches per optimizer step")
+    doc_masking: bool = _f(False, help="packed sequences: each token attends only within its own document (a document "
+                                       "ends at its [SEP]), not across the boundaries packing creates")
     lr: float = _f(1e-3, help="peak learning rate")
     weight_decay: float = _f(0.01, help="AdamW weight decay (not applied to biases and norms)")
     adam_beta1: float = _f(0.9, help="AdamW beta1")
     adam_beta2: float = _f(0.98, help="AdamW beta2")
     adam_eps: float = _f(1e-6, help="AdamW epsilon")
     warmup_frac: float = _f(0.06, help="fraction of the run spent warming the learning rate up")
-    schedule: Literal["linear", "cosine"] = _f("linear", help="decay after warmup")
+    schedule: Literal["linear", "cosine", "wsd"] = _f("linear", help="decay after warmup: linear, cosine, or "
+                                                      "warmup-stable-decay (constant, then linear over --decay-frac)")
+    decay_frac: float = _f(0.2, help="wsd schedule: the final fraction of the run over which the LR decays")
     min_lr_frac: float = _f(0.0, help="final learning rate as a fraction of the peak")
     clip_grad: float = _f(1.0, help="gradient-norm clipping (0 disables)")
     max_steps: Optional[int] = _f(None, help="stop after this many optimizer steps")
@@ -197,6 +207,7 @@ class TrainConfig:
     compile: bool = _f(False, help="torch.compile the encoder (compile time is reported separately)")
     log_every: int = _f(10, help="steps between metric records")
     eval_every: int = _f(250, help="steps between held-out evaluations (0: only at the end)")
+    eval_seconds: float = _f(0.0, help="also evaluate every this many seconds of training (0: by steps only)")
     eval_sequences: int = _f(512, help="held-out sequences per evaluation (fixed masks)")
     eval_seed: int = _f(1234, help="seed of the fixed evaluation masks")
     out: Optional[str] = _f(None, help="run folder (default: runs/<date>-<time>)")
@@ -302,6 +313,7 @@ class Config:
             (m.hidden_size >= 1 and m.num_heads >= 1 and m.hidden_size % m.num_heads == 0,
              f"model.hidden_size ({m.hidden_size}) must be a positive multiple of model.num_heads ({m.num_heads})"),
             (m.intermediate_size >= 1, "model.intermediate_size must be >= 1"),
+            (m.qk_init_std is None or m.qk_init_std > 0, "model.qk_init_std must be > 0"),
             (0.0 <= m.hidden_dropout < 1 and 0.0 <= m.attention_dropout < 1, "dropout must be in [0, 1)"),
             (8 <= d.seq_len <= m.max_position,
              f"data.seq_len ({d.seq_len}) must be between 8 and model.max_position ({m.max_position})"),
@@ -316,6 +328,8 @@ class Config:
             (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
             (0.0 <= t.warmup_frac < 1.0, "train.warmup_frac must be in [0, 1)"),
             (0.0 <= t.min_lr_frac <= 1.0, "train.min_lr_frac must be in [0, 1]"),
+            (0.0 < t.decay_frac <= 1.0 - t.warmup_frac, "train.decay_frac must be in (0, 1 - warmup_frac]"),
+            (t.eval_seconds >= 0, "train.eval_seconds must be >= 0"),
             (t.clip_grad >= 0, "train.clip_grad must be >= 0"),
             (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
             (t.time_budget is None or t.time_budget > 0, "train.time_budget must be > 0 seconds"),
@@ -400,6 +414,8 @@ def _check_type(value: Any, tp: Any, name: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if value == "" and type(None) in args and set(args) & {SeqLenSchedule, BatchRamp}:
+            return None  # an empty schedule is no schedule
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], name, source)
     if tp in (SeqLenSchedule, BatchRamp):  # written as a string, kept parsed
@@ -473,8 +489,10 @@ def flag_name(f: dataclasses.Field) -> str:
 def seq_len_phases(schedule: SeqLenSchedule | None, final: int) -> list[tuple[int, float]]:
     """The phases of `schedule` (one phase at `final` without one); the last phase must be at `final`
     (data.seq_len), the length the model is evaluated at."""
-    if schedule is None:
+    if not schedule:
         return [(final, 1.0)]
+    if isinstance(schedule, str):  # set on a Config object directly, not yet through from_dict
+        schedule = SeqLenSchedule.parse(schedule)
     if schedule.phases[-1][0] != final:
         raise UserError(f"train.seq_len_schedule {schedule.spec!r}: the last phase is {schedule.phases[-1][0]} tokens; "
                         f"it must be --seq-len ({final})")

@@ -13,17 +13,20 @@ from pathlib import Path
 import torch
 
 from .batches import PackedSequences, PairSource
-from .config import MaskConfig
-from .data import prepare, prepare_eval
+from .config import Config, MaskConfig
+from .data import Split, prepare, prepare_eval
 from .distributed import Dist
 from .errors import UserError
-from .loading import open_folder
+from .loading import folder_kind, open_folder
 from .masking import MaskSpec
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision
 from .tokenizer import Tokenizer
 
 EVAL_BATCH = 64
+# Held-out masks are BERT's standard ones whatever a run trains with (its rate, strategy), so that numbers
+# from different recipes are measured on the same predictions.
+STANDARD_MASK = MaskConfig(mask_prob=0.15, mask_token_frac=0.8, random_token_frac=0.1, strategy="token")
 
 
 @dataclass
@@ -102,23 +105,34 @@ class Evaluator:
         return result
 
 
+def make_evaluator(cfg: Config, split: Split, tokenizer: Tokenizer, dist: Dist, log=print) -> Evaluator:
+    """The fixed held-out batches of a run's config: standard masks on the packed held-out sequences, and
+    held-out sentence pairs for NSP / SOP (when the held-out text allows them)."""
+    seq_len, special, task = cfg.data.seq_len, tokenizer.special, cfg.train.pair_task
+    pairs = None
+    if task:
+        try:
+            pairs = PairSource(split, seq_len, special, task, cfg.train.eval_seed, short_seq_prob=cfg.data.short_seq_prob)
+        except UserError as e:  # e.g. one held-out document: no random B for NSP
+            log(f"note: no held-out {task.upper()} accuracy ({e})")
+    return Evaluator(PackedSequences(split, seq_len, special, pad_last=True, what="held-out"), tokenizer,
+                     STANDARD_MASK, cfg.train.eval_sequences, cfg.train.eval_seed, pairs=pairs, dist=dist)
+
+
 def evaluate_run(run: str | Path, valid: list[str] | None = None, device: str = "auto",
                  precision: str = "auto", log=print) -> EvalResult:
     """Evaluate a run folder (or one of its checkpoints) on its own held-out split, or on the given files."""
+    if (kind := folder_kind(run)) not in ("run", "checkpoint"):
+        raise UserError(f"{run}: a {kind} folder; evaluate takes a maskedlm run folder or checkpoint "
+                        f"(it needs the run's data settings)")
     dev = resolve_device(device)
     loaded = open_folder(run, dev)
-    if loaded.config is None:
-        raise UserError(f"{run}: a {loaded.kind} folder; evaluate takes a maskedlm run folder or checkpoint")
     cfg, model, tokenizer = loaded.config, loaded.model, loaded.tokenizer
     if valid:
         split = prepare_eval(valid, cfg.data, tokenizer, log=log)
     else:
         split = prepare(cfg.data, tokenizer=tokenizer, log=log).valid
-    seqs = PackedSequences(split, cfg.data.seq_len, tokenizer.special, pad_last=True, what="held-out")
-    task = cfg.train.pair_task
-    pairs = (PairSource(split, cfg.data.seq_len, tokenizer.special, task, cfg.train.eval_seed,
-                        short_seq_prob=cfg.data.short_seq_prob) if task else None)
-    evaluator = Evaluator(seqs, tokenizer, cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed, pairs=pairs)
+    evaluator = make_evaluator(cfg, split, tokenizer, Dist(), log)
     bar = Progress(len(evaluator.batches) + len(evaluator.pair_batches), "evaluating", unit="batch")
     try:
         return evaluator(model, dev, resolve_precision(precision, dev), progress=bar)

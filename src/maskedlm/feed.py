@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 
 from .batches import Batch, BatchLoader, PackedSequences, PackedSource, PairSource
-from .checkpoint import TrainState
 from .config import Config
 from .data import Split
 from .distributed import Dist
-from .schedules import batch_at, phase_at, phase_batch, progress
+from .schedules import TrainState, batch_at, phase_at, phase_batch, progress
 from .tokenizer import SpecialIds
 
 

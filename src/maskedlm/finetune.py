@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .config import FinetuneConfig
 from .errors import UserError
-from .loading import load_for_init, save_classifier
+from .loading import open_folder, save_classifier
+from .paths import CheckpointDir
 from .model import BertForSequenceClassification
 from .optim import build_optimizer, clip_gradients, set_lr
 from .progress import Progress
@@ -158,8 +159,8 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
         rng.shuffle(order)
         loss_sum = 0.0
         for ids, types, mask, y in _batches(train[0], train[1], cfg.batch_size, pad, order):
+            set_lr(opt, cfg.lr * lr_factor((step + 0.5) / total, cfg.warmup_frac))  # mid-step: none gets LR 0
             step += 1
-            set_lr(opt, cfg.lr * lr_factor(step / total, cfg.warmup_frac))
             with autocast(device, amp):
                 logits = model(ids.to(device), mask.to(device), types.to(device))
             loss = F.cross_entropy(logits.float(), y.to(device))
@@ -190,7 +191,8 @@ def finetune(run: str | Path, cfg: FinetuneConfig, log=print) -> FinetuneResult:
     """Fine-tune the encoder of a run (or Hugging Face BERT folder) on labelled data; save the classifier."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    base, tok, _ = load_for_init(run)
+    loaded = open_folder(run)  # a run, a checkpoint, a transformers BERT, or an earlier classifier: its encoder
+    base, tok = loaded.model, loaded.tokenizer
     train_ex, valid_ex = read_examples(cfg.train, cfg), read_examples(cfg.valid, cfg)
     labels = sorted(set(train_ex.labels), key=lambda x: (len(x), x))
     if len(labels) < 2:
@@ -207,7 +209,8 @@ def finetune(run: str | Path, cfg: FinetuneConfig, log=print) -> FinetuneResult:
     valid = (encode(tok, valid_ex, cfg.max_len), [index[x] for x in valid_ex.labels])
     log(f"fine-tuning on {len(train[1])} examples ({len(labels)} classes), validating on {len(valid[1])}")
     result = train_classifier(model, tok, train, valid, cfg, device, log)
-    out = Path(cfg.out) if cfg.out else Path(run) / f"finetuned-{Path(cfg.train).stem}"
+    home = CheckpointDir(Path(run)).run.path if loaded.kind == "checkpoint" else Path(run)  # not where rotation deletes
+    out = Path(cfg.out) if cfg.out else home / f"finetuned-{Path(cfg.train).stem}"
     save_classifier(model.cpu(), tok, labels, cfg, out, {"accuracy": result.accuracy, "macro_f1": result.macro_f1,
                                                           "history": result.history})
     result.out_dir = out

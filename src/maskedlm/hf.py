@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
 from .errors import UserError
 from .model import BertForPreTraining
 from .paths import CONFIG, WEIGHTS, atomic_path, atomic_write
@@ -124,6 +124,12 @@ def export_model(model: BertForPreTraining, tokenizer: Tokenizer, out: str | Pat
     names = {k: v for k, v in key_map(model.config.num_layers).items() if k not in skip}
     architecture = "BertForPreTraining" if nsp else "BertForMaskedLM"
     return _write_folder(out, hf_state(model, names), hf_config(model.config, architecture), tokenizer, lowercase)
+
+
+def export_trained(model: BertForPreTraining, tokenizer: Tokenizer, cfg: Config, out: str | Path) -> Path:
+    """Export a model pre-trained with `cfg` (its heads and its tokenizer's casing follow the config)."""
+    return export_model(model, tokenizer, out, nsp=cfg.train.pair_task is not None,
+                        lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
 
 
 def export_classifier(model, tokenizer: Tokenizer, labels: list[str], out: str | Path, *,

@@ -20,10 +20,11 @@ from typing import Literal
 
 import torch
 
-from .checkpoint import find_checkpoint, load_weights, read_config, read_json, save_weights
+from .checkpoint import (find_checkpoint, load_weights, read_config, read_json, read_state, save_weights,
+                         verify_checkpoint)
 from .config import Config, FinetuneConfig, ModelConfig
 from .errors import UserError
-from .hf import ImportReport, export_classifier, export_model, is_hf_folder, load_hf
+from .hf import ImportReport, export_classifier, export_trained, is_hf_folder, load_hf
 from .model import BertForPreTraining, BertForSequenceClassification
 from .paths import CONFIG, TOKENIZER, WEIGHTS, CheckpointDir, RunDir, atomic_write
 from .tokenizer import Tokenizer
@@ -80,16 +81,24 @@ def open_folder(path: str | Path, device: str | torch.device = "cpu", *, live: b
 
 
 def _load_run(run: RunDir, ckpt: CheckpointDir | None) -> Loaded:
-    """A run's model: its final weights, or only the weights of checkpoint `ckpt` (not its optimizer state)."""
-    cfg = read_config(run.path)
+    """A run's model: its final weights, or only the weights of checkpoint `ckpt` (checked against its
+    manifest; its optimizer state is not read), with the config and tokenizer they were trained with."""
     tokenizer = Tokenizer.from_file(run.tokenizer)
+    if ckpt is None:
+        cfg = read_config(run.path)
+    else:
+        verify_checkpoint(ckpt, files=(ckpt.WEIGHTS, ckpt.STATE))
+        state = read_state(ckpt)
+        if tokenizer.hash != state.tokenizer_hash:
+            raise UserError(f"{run.tokenizer}: not the tokenizer {ckpt.path} was trained with (hash "
+                            f"{tokenizer.hash[:12]}, the checkpoint's {state.tokenizer_hash[:12]})")
+        cfg = state.config
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise UserError(f"{run.path}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
     model = BertForPreTraining(cfg.model)
+    load_weights(model, run.weights if ckpt is None else ckpt / ckpt.WEIGHTS)
     if ckpt is None:
-        load_weights(model, run.weights)
         return Loaded(model, tokenizer, "run", WEIGHTS, config=cfg)
-    load_weights(model, ckpt / ckpt.WEIGHTS)
     return Loaded(model, tokenizer, "checkpoint", f"checkpoint {ckpt.name}", config=cfg)
 
 
@@ -121,9 +130,7 @@ def export_folder(path: str | Path, out: str | Path) -> Path:
         return export_classifier(loaded.model, loaded.tokenizer, loaded.labels, out)
     if loaded.kind == "transformers":
         raise UserError(f"{path}: already a transformers folder")
-    cfg = loaded.config
-    return export_model(loaded.model, loaded.tokenizer, out, nsp=cfg.train.pair_task is not None,
-                        lowercase=cfg.data.lowercase if cfg.data.tokenizer == "wordpiece" else None)
+    return export_trained(loaded.model, loaded.tokenizer, loaded.config, out)
 
 
 # -- classifier folders (maskedlm finetune) ---------------------------------------------------------------

@@ -31,6 +31,16 @@ def special_mask(input_ids: torch.Tensor, special_ids: Sequence[int]) -> torch.T
     return torch.isin(input_ids, specials)
 
 
+def document_attention_mask(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """Which keys each query may attend in a packed sequence: only those of its own document. A document
+    ends with its [SEP] (which belongs to it). (B, T) ids -> (B, T, T) bool, True where attention is allowed.
+
+    [SEP] is special, so masking never replaces one: the mask is the same before and after masking."""
+    is_sep = (input_ids == sep_id).long()
+    segment = is_sep.cumsum(-1) - is_sep  # (B, T): how many documents ended before each position
+    return segment[..., :, None] == segment[..., None, :]
+
+
 def select_positions(input_ids: torch.Tensor, *, special_ids: Sequence[int], mask_prob: float,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Choose the positions to predict: each non-special token independently with probability `mask_prob`.

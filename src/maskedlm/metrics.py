@@ -12,12 +12,12 @@ import json
 
 import torch
 
-from .checkpoint import TrainState
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import EvalResult
 from .flops import train_flops
 from .paths import RunDir
+from .schedules import TrainState
 from .step import StepStats
 
 

@@ -53,6 +53,16 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+def sinusoids(positions: int, width: int, std: float) -> torch.Tensor:
+    """Vaswani et al.'s position table, (positions, width): sin at even, cos at odd features, frequencies
+    1 / 10000^(2i/width); scaled to RMS `std`, the scale of a normal initialisation."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    angle = pos / 10000 ** (torch.arange(0, width, 2, dtype=torch.float64) / width)  # (P, width/2)
+    table = torch.zeros(positions, width, dtype=torch.float64)
+    table[:, 0::2], table[:, 1::2] = torch.sin(angle), torch.cos(angle[:, : width // 2])
+    return (table * std * 2**0.5).float()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -67,7 +77,8 @@ class SelfAttention(nn.Module):
         B, T, H = x.shape
         # (B, T, H) -> (B, nh, T, hd)
         q, k, v = (proj(x).view(B, T, self.num_heads, -1).transpose(1, 2) for proj in (self.query, self.key, self.value))
-        # attn_mask: (B, 1, 1, T) bool, True where the key is a real token; None for packed batches,
+        # attn_mask: (B, 1, 1, T) bool, True where the key is a real token, or (B, 1, T, T) per query (document
+        # masking); None for packed batches,
         # which lets SDPA pick the flash / memory-efficient kernels on CUDA.
         dropout_p = self.dropout_p if self.training else 0.0
         if x.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= MATMUL_ATTENTION_MAX_LEN:
@@ -121,10 +132,13 @@ class Encoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T); attention_mask: (B, T), 1 for tokens and 0 for padding. Returns (B, T, H)."""
+        """input_ids: (B, T); attention_mask: (B, T), 1 for tokens and 0 for padding, or (B, T, T), True
+        where a query may attend a key (see masking.document_attention_mask). Returns (B, T, H)."""
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 2:
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): broadcast over heads and queries
+        elif attention_mask is not None:
+            mask = attention_mask.bool()[:, None]  # (B, 1, T, T): broadcast over heads
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.layers:
             x = layer(x, mask)
@@ -253,6 +267,20 @@ class BertForPreTraining(nn.Module):
         self.mlm = MLMHead(cfg)
         self.nsp = nn.Linear(cfg.hidden_size, 2)
         self.apply(self._init_weights)
+        if cfg.qk_init_std is not None:
+            for layer in self.bert.layers:
+                nn.init.normal_(layer.attn.query.weight, std=cfg.qk_init_std)
+                nn.init.normal_(layer.attn.key.weight, std=cfg.qk_init_std)
+        if cfg.position_init == "sinusoidal":
+            with torch.no_grad():
+                self.bert.embeddings.position.weight.copy_(sinusoids(cfg.max_position, cfg.hidden_size, cfg.init_std))
+
+    @torch.no_grad()
+    def init_mlm_bias(self, counts: torch.Tensor) -> None:
+        """Set the MLM output bias to the log unigram frequencies of `counts` (V,) (add-one smoothed), so the
+        untrained head predicts the unigram distribution instead of a uniform one."""
+        counts = counts.double()
+        self.mlm.bias.copy_(torch.log((counts + 1) / (counts.sum() + counts.numel())))
 
     def _init_weights(self, m: nn.Module) -> None:
         # BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm, zero padding embedding.

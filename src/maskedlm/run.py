@@ -12,15 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .batches import PackedSequences, PairSource
-from .checkpoint import Checkpoint, Checkpointer, TrainState, read_checkpoint, restore_rng, save_config
+from .checkpoint import Checkpoint, Checkpointer, read_checkpoint, restore_rng, save_config
 from .config import Config
-from .data import Prepared, prepare
+from .data import Prepared, Split, prepare
 from .distributed import Dist, Parallel, load_optimizer_state, parallelize
 from .errors import UserError
-from .evaluate import EvalResult, Evaluator
+from .evaluate import EvalResult, Evaluator, make_evaluator
 from .feed import DataFeed
 from .loading import load_for_init
 from .masking import MaskSpec
@@ -28,6 +28,7 @@ from .model import BertForPreTraining
 from .optim import make_optimizer
 from .paths import RunDir, new_run_dir
 from .runtime import resolve_precision
+from .schedules import TrainState
 from .step import TrainStep
 from .tokenizer import Tokenizer
 
@@ -81,20 +82,22 @@ class _Start:
 
 def build_run(cfg: Config, device: torch.device, dist: Dist, log) -> Run:
     t = cfg.train
+    amp_dtype = resolve_precision(t.precision, device)  # before anything slow: an impossible precision fails at once
     if t.batch_size % (dist.world * t.grad_accum):
         raise UserError(f"--batch-size {t.batch_size} must divide by world size x --grad-accum ({dist.world} x {t.grad_accum})")
     start = _resume(cfg, dist, log) if t.resume else _fresh(cfg, dist, log)
     t.out = str(start.dir.path)
     data = _prepare(cfg, start.tokenizer, dist, log)
     tok = data.tokenizer
-    amp_dtype = resolve_precision(t.precision, device)
     fsdp = t.parallel == "fsdp" and dist.active
-    evaluator = _evaluator(cfg, data, Dist() if fsdp else dist, log)  # FSDP: every rank in every forward
+    evaluator = make_evaluator(cfg, data.valid, tok, Dist() if fsdp else dist, log)  # FSDP: every rank, every forward
 
     torch.manual_seed(t.seed)
     model = BertForPreTraining(cfg.model)
     if start.model is not None:
         model.load_state_dict(start.model.state_dict())
+    elif cfg.model.mlm_bias_init == "unigram" and start.checkpoint is None:
+        model.init_mlm_bias(unigram_counts(data.train, cfg.model.vocab_size))
     if start.checkpoint is not None:
         model.load_state_dict(start.checkpoint.weights)
     model = model.to(device).train()
@@ -109,7 +112,7 @@ def build_run(cfg: Config, device: torch.device, dist: Dist, log) -> Run:
         restore_rng(ckpt.rng, ckpt.state.rng, mask_gen, dist.rank)
     feed = DataFeed(cfg, data.train, tok.special, dist, device, state)
     step = TrainStep(parallel, optimizer, MaskSpec.from_tokenizer(tok, cfg.mask), mask_gen, grad_accum=t.grad_accum,
-                     clip_grad=t.clip_grad)
+                     clip_grad=t.clip_grad, doc_sep_id=tok.special.sep if t.doc_masking else None)
     checkpointer = Checkpointer(start.dir, dist, model, optimizer, mask_gen, cfg, tok.hash, fsdp=parallel.fsdp,
                                 resumed_from=ckpt.path if ckpt else None, log=log)
     if dist.is_main:
@@ -117,6 +120,12 @@ def build_run(cfg: Config, device: torch.device, dist: Dist, log) -> Run:
         tok.save(start.dir.path)
     return Run(cfg, start.dir, device, dist, amp_dtype, tok, data, evaluator, parallel, step, state, feed,
                checkpointer, log)
+
+
+def unigram_counts(split: Split, vocab_size: int, limit: int = 50_000_000) -> torch.Tensor:
+    """How often each token id occurs in (the first `limit` tokens of) a split. (V,) int64."""
+    tokens = np.asarray(split.tokens[: min(limit, split.num_tokens)], dtype=np.int64)
+    return torch.from_numpy(np.bincount(tokens, minlength=vocab_size)[:vocab_size])
 
 
 def _resume(cfg: Config, dist: Dist, log) -> _Start:
@@ -170,17 +179,3 @@ def _prepare(cfg: Config, tokenizer: Tokenizer | None, dist: Dist, log) -> Prepa
     if cfg.data.seq_len > cfg.model.max_position:
         raise UserError(f"--seq-len {cfg.data.seq_len} exceeds the model's {cfg.model.max_position} positions")
     return data
-
-
-def _evaluator(cfg: Config, data: Prepared, dist: Dist, log) -> Evaluator:
-    """Fixed masks on the held-out sequences (and held-out sentence pairs, for NSP / SOP)."""
-    seq_len, special, task = cfg.data.seq_len, data.tokenizer.special, cfg.train.pair_task
-    pairs = None
-    if task:
-        try:
-            pairs = PairSource(data.valid, seq_len, special, task, cfg.train.eval_seed,
-                               short_seq_prob=cfg.data.short_seq_prob)
-        except UserError as e:  # e.g. one held-out document: no random B for NSP
-            log(f"note: no held-out {task.upper()} accuracy ({e})")
-    return Evaluator(PackedSequences(data.valid, seq_len, special, pad_last=True, what="held-out"), data.tokenizer,
-                     cfg.mask, cfg.train.eval_sequences, cfg.train.eval_seed, pairs=pairs, dist=dist)

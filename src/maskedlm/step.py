@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .batches import Batch
 from .distributed import Parallel
-from .masking import MaskSpec
+from .masking import MaskSpec, document_attention_mask
 from .model import Output
 from .optim import clip_gradients, set_lr
 
@@ -51,11 +51,13 @@ class TrainStep:
     """
 
     def __init__(self, parallel: Parallel, optimizer: torch.optim.Optimizer, mask: MaskSpec,
-                 generator: torch.Generator, *, grad_accum: int = 1, clip_grad: float = 1.0):
+                 generator: torch.Generator, *, grad_accum: int = 1, clip_grad: float = 1.0,
+                 doc_sep_id: int | None = None):
         self.model, self.compute, self.runner = parallel.model, parallel.compute, parallel.runner
         self.dist, self.fsdp = parallel.dist, parallel.fsdp
         self.optimizer, self.mask, self.generator = optimizer, mask, generator
         self.grad_accum, self.clip_grad = grad_accum, clip_grad
+        self.doc_sep_id = doc_sep_id  # document masking of packed sequences: documents end at this id
         self.device = next(self.model.parameters()).device
         self.encoder = self.compute.bert
         self.params = list(self.model.parameters())
@@ -100,6 +102,9 @@ class TrainStep:
         n_seq = inputs.shape[0] * world  # global
         n_pred = self.dist.all_reduce((labels != -100).sum()).clamp(min=1)  # global
         nsp = batch.nsp_labels is not None
+        attention_mask = batch.attention_mask
+        if attention_mask is None and self.doc_sep_id is not None:
+            attention_mask = document_attention_mask(batch.input_ids, self.doc_sep_id)  # (b, T, T)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # mlm loss, correct, nsp loss, nsp correct
 
         def part(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
@@ -112,7 +117,7 @@ class TrainStep:
             if self.fsdp:
                 self.runner.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or self.fsdp else self.runner.no_sync():
-                out = self.forward(part(inputs, i), part(labels, i), part(batch.attention_mask, i),
+                out = self.forward(part(inputs, i), part(labels, i), part(attention_mask, i),
                                    part(batch.token_type_ids, i), nsp=nsp)
                 loss = out.loss_sum / n_pred
                 if nsp:

@@ -66,7 +66,7 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
         run.log(f"compiled the encoder in {secs:.1f}s (not counted as training time)")
     peak = matmul_peak(run.device.type, run.amp_dtype or torch.float32) * d.world  # for MFU (flops.py)
     metrics, bar, window = MetricsLog(run.dir, d.is_main, t.tensorboard), Progress(1000, "training", enabled=progress_bar), Window(run.cfg.model)
-    last_eval, failed, last_save = None, 0, time.time()
+    last_eval, failed, last_save, evaluated_at = None, 0, time.time(), state.elapsed
     try:
         with StopSignals() as stop:
             while progress(state, t) < 1.0 and not stop.agreed(d, run.device):
@@ -89,8 +89,9 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
                     metrics.write(entry)
                     bar.set(int(1000 * min(progress(state, t), 1.0)), _progress_line(entry, state, t))
                     window = Window(run.cfg.model)
-                if (t.eval_every and state.step % t.eval_every == 0) or done:
-                    last_eval = run.evaluate()
+                if ((t.eval_every and state.step % t.eval_every == 0) or done
+                        or (t.eval_seconds and state.elapsed - evaluated_at >= t.eval_seconds)):
+                    last_eval, evaluated_at = run.evaluate(), state.elapsed
                     metrics.write_eval(state, last_eval)
                 if not done and _checkpoint_due(state, t, last_save):
                     run.checkpointer.save(state)
@@ -133,15 +134,15 @@ def _progress_line(entry: dict, state, t) -> str:
 
 def _stopped(run: Run, name: str) -> RunResult:
     run.checkpointer.save(run.state, final=True)
-    run.log(f"stopped by {name} at step {run.state.step}; checkpoint {run.checkpointer.last.path}; "
+    last = run.checkpointer.last  # rank 0's: the other ranks do not write (and do not log)
+    run.log(f"stopped by {name} at step {run.state.step}; checkpoint {last.path if last else 'none'}; "
             f"resume with: maskedlm pretrain --resume {run.dir.path}")
     return _result(run, None, stopped_by=name)
 
 
 def _result(run: Run, last_eval: EvalResult | None, stopped_by: str | None = None) -> RunResult:
-    s = run.state
-    last = run.checkpointer.last
-    return RunResult(run.dir.path, last_eval, s.step, s.elapsed, s.tokens / max(s.elapsed, 1e-9), stopped_by,
+    s, last = run.state, run.checkpointer.last
+    return RunResult(run.dir.path, last_eval, s.step, s.elapsed, s.tokens_per_second, stopped_by,
                      last.path if last else None)
 
 
