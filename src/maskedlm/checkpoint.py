@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,8 +216,9 @@ def save_checkpoint(run: RunDir, *, state: CheckpointState, weights: dict[str, t
     if bad:
         raise UserError(f"refusing to save a checkpoint at step {state.step}: {bad} holds non-finite values")
     state = dataclasses.replace(state, optimizer_param_groups=[dict(g) for g in opt_state["param_groups"]])
+    for stale in run.checkpoints.glob(".tmp-step-*"):  # a killed writer's half-written checkpoint (one writer:
+        shutil.rmtree(stale, ignore_errors=True)  # RunLock), a full checkpoint's worth of disk each
     tmp = CheckpointDir(run.checkpoints / f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp.path, ignore_errors=True)
     tmp.path.mkdir()
     try:
         save_file(weights, str(tmp / tmp.WEIGHTS), metadata={"format": "pt"})
@@ -253,7 +255,14 @@ def find_checkpoint(path: str | Path) -> CheckpointDir:
         raise UserError(f"--resume: no such folder: {p}")
     if not run.latest.is_file():
         raise UserError(f"--resume: {p} has no checkpoint to resume from (no {run.latest.relative_to(p)})")
-    ckpt = CheckpointDir(run.checkpoints / run.latest.read_text().strip())
+    try:
+        name = run.latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if not re.fullmatch(r"step-\d{8}", name):
+        raise UserError(f"{run.latest} is damaged (it should name a checkpoint such as step-00001000); resume from "
+                        f"a checkpoint folder instead: --resume {run.checkpoints}/step-...")
+    ckpt = CheckpointDir(run.checkpoints / name)
     if not ckpt.path.is_dir():
         raise UserError(f"{run.latest} names {ckpt.name}, which does not exist")
     return ckpt
@@ -338,12 +347,13 @@ class Checkpointer:
         try:
             self.last = save_checkpoint(self.run, state=state, weights=weights, opt_state=opt_state,
                                         rng_tensors=rng, keep=self.cfg.train.keep_checkpoints, protect=self.protect)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+            reason = getattr(e, "strerror", None) or e
             last = self.last.path if self.last else "none"
             if final:
-                raise UserError(f"could not write the final checkpoint ({e.strerror or e}); "
+                raise UserError(f"could not write the final checkpoint ({reason}); "
                                 f"the last good one is {last}") from None
-            self.log(f"warning: checkpoint at step {train_state.step} failed ({e.strerror or e}); the previous one "
+            self.log(f"warning: checkpoint at step {train_state.step} failed ({reason}); the previous one "
                      f"({self.last.name if self.last else 'none'}) is intact; training goes on")
         finally:
             self.dist.barrier()

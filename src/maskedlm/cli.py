@@ -50,9 +50,11 @@ def _config_from_args(ns: argparse.Namespace) -> Config:
     cfg = Config()
     resume = vars(ns).get("train.resume")
     if resume:  # a resumed run starts from its own config; flags then say what changes
-        from .checkpoint import find_checkpoint, read_state
+        from .checkpoint import find_checkpoint, read_state, verify_checkpoint
 
-        cfg = read_state(find_checkpoint(resume)).config
+        ckpt = find_checkpoint(resume)
+        verify_checkpoint(ckpt, files=(ckpt.STATE,))  # a damaged state.json is named by its checksum
+        cfg = read_state(ckpt).config
     if getattr(ns, "config", None):
         cfg.update(load_config_file(ns.config), source=ns.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to this host name (e.g. the machine's name when binding "
+                        "0.0.0.0); by default only localhost and the bound address")
 
     p = sub.add_parser("plot", help="draw a run's curves as a PNG (needs matplotlib)")
     p.add_argument("run", help="run folder")
@@ -168,7 +173,7 @@ def _export(ns: argparse.Namespace) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     from .serve import serve
 
-    serve(ns.run, ns.host, ns.port, ns.device)
+    serve(ns.run, ns.host, ns.port, ns.device, tuple(ns.allow_host))
     return 0
 
 
@@ -206,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[ns.command](ns)
     except UserError as e:
         print(f"maskedlm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user named that cannot be read or written (permissions, a full disk)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"maskedlm: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("maskedlm: interrupted", file=sys.stderr)

@@ -23,11 +23,21 @@ from typing import Any, Literal, Optional
 from .errors import UserError
 
 
-def _f(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, cli: bool = True,
-       derived: bool = False, factory: Any = None, fixed: bool = False):
-    """A dataclass field with its CLI help. `derived` fields are filled in by the run, not by users. `fixed`
-    fields change what a run computes: `--resume` refuses to change them (unless --allow-config-change)."""
-    meta = {"help": help, "flag": flag, "cli": cli and not derived, "derived": derived, "fixed": fixed}
+# What `--resume` does when a setting differs from the checkpoint's (every field must say):
+#   free    applied, and listed as changed (when to stop, logging, checkpoint cadence, the device)
+#   fixed   changes what the run computes: refused with the difference, unless --allow-config-change (then
+#           applied and listed)
+#   never   refused even with --allow-config-change: the checkpoint decides it (shape, tokenizer, objective,
+#           optimizer kind, how the model was initialised)
+#   ignore  not a setting of the run (the resume flags themselves, derived values, the preset's name)
+ResumePolicy = Literal["free", "fixed", "never", "ignore"]
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, resume: ResumePolicy, flag: str | None = None,
+       cli: bool = True, derived: bool = False, factory: Any = None):
+    """A dataclass field with its CLI help and its resume policy. `derived` fields are filled in by the
+    run, not by users."""
+    meta = {"help": help, "flag": flag, "cli": cli and not derived, "derived": derived, "resume": resume}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -116,27 +126,27 @@ PRESETS: dict[str, tuple[int, int]] = {
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = _f("mini", flag="--model", help=f"size preset: {', '.join(PRESETS)} (sets the shape fields below)")
-    num_layers: int = _f(4, fixed=True, help="transformer blocks")
-    hidden_size: int = _f(256, fixed=True, help="model width H")
-    num_heads: int = _f(4, fixed=True, help="attention heads (H must divide by it)")
-    intermediate_size: int = _f(1024, fixed=True, help="feed-forward width")
-    max_position: int = _f(512, fixed=True, help="position embeddings (longest sequence the model accepts)")
-    type_vocab_size: int = _f(2, fixed=True, help="token-type (segment) embeddings")
-    hidden_dropout: float = _f(0.0, help="dropout on embeddings and block outputs (BERT used 0.1; 0 is faster, as Cramming and ModernBERT pre-train)")
-    attention_dropout: float = _f(0.0, help="dropout on attention probabilities (BERT used 0.1)")
-    linear_bias: bool = _f(True, fixed=True, help="biases in the blocks' linear layers (BERT's); --no-linear-bias is 4-8 percent faster on "
+    preset: Optional[str] = _f("mini", flag="--model", resume="ignore", help=f"size preset: {', '.join(PRESETS)} (sets the shape fields below)")
+    num_layers: int = _f(4, resume="never", help="transformer blocks")
+    hidden_size: int = _f(256, resume="never", help="model width H")
+    num_heads: int = _f(4, resume="never", help="attention heads (H must divide by it)")
+    intermediate_size: int = _f(1024, resume="never", help="feed-forward width")
+    max_position: int = _f(512, resume="never", help="position embeddings (longest sequence the model accepts)")
+    type_vocab_size: int = _f(2, resume="never", help="token-type (segment) embeddings")
+    hidden_dropout: float = _f(0.0, resume="fixed", help="dropout on embeddings and block outputs (BERT used 0.1; 0 is faster, as Cramming and ModernBERT pre-train)")
+    attention_dropout: float = _f(0.0, resume="fixed", help="dropout on attention probabilities (BERT used 0.1)")
+    linear_bias: bool = _f(True, resume="never", help="biases in the blocks' linear layers (BERT's); --no-linear-bias is 4-8 percent faster on "
                                       "CPU (as Cramming trains) and exports to transformers as zero biases")
-    layer_norm_eps: float = _f(1e-12, help="LayerNorm epsilon (BERT's 1e-12)")
-    init_std: float = _f(0.02, help="std of the normal weight initialisation")
-    qk_init_std: Optional[float] = _f(None, help="std of the initial query and key weights (default: --init-std); "
+    layer_norm_eps: float = _f(1e-12, resume="fixed", help="LayerNorm epsilon (BERT's 1e-12)")
+    init_std: float = _f(0.02, resume="never", help="std of the normal weight initialisation")
+    qk_init_std: Optional[float] = _f(None, resume="never", help="std of the initial query and key weights (default: --init-std); "
                                                   "larger values start attention away from uniform averaging")
-    position_init: Literal["normal", "sinusoidal"] = _f("normal", help="initial position table: normal like every weight (BERT), "
+    position_init: Literal["normal", "sinusoidal"] = _f("normal", resume="never", help="initial position table: normal like every weight (BERT), "
                                                         "or sinusoids (Vaswani et al.) of the same RMS; learned either way")
-    mlm_bias_init: Literal["zero", "unigram"] = _f("zero", help="initial MLM output bias: zero (BERT), or the log unigram "
+    mlm_bias_init: Literal["zero", "unigram"] = _f("zero", resume="never", help="initial MLM output bias: zero (BERT), or the log unigram "
                                                   "frequencies of the training tokens, so the head starts at the unigram guess")
-    vocab_size: int = _f(0, derived=True, fixed=True, help="set from the tokenizer")
-    pad_token_id: int = _f(0, derived=True, help="set from the tokenizer")
+    vocab_size: int = _f(0, derived=True, resume="ignore", help="set from the tokenizer")
+    pad_token_id: int = _f(0, derived=True, resume="ignore", help="set from the tokenizer")
 
     def apply_preset(self, name: str) -> None:
         if name not in PRESETS:
@@ -149,80 +159,80 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: Optional[str] = _f("shakespeare", fixed=True, help="embedded corpus used when --train is not given ('shakespeare')")
-    train: list[str] = _f(factory=list, fixed=True, help="training text: files or folders (.txt, .md, .jsonl, optionally .gz; .parquet; a datasets folder)")
-    valid: list[str] = _f(factory=list, fixed=True, help="held-out text; default: a fraction of the training documents")
-    valid_fraction: float = _f(0.05, fixed=True, help="fraction of documents held out when --valid is not given")
-    doc_boundary: Literal["blank_line", "file"] = _f("blank_line", fixed=True, help="in .txt files, documents are separated by blank lines, or one per file")
-    text_field: str = _f("text", fixed=True, help="JSON field holding the text in .jsonl files")
-    strict_utf8: bool = _f(False, help="refuse invalid UTF-8 (naming file and line) instead of replacing it")
-    tokenizer: str = _f("wordpiece", fixed=True, help="'wordpiece' (trained on the training text), 'char', or a tokenizer.json / vocab.txt path")
-    vocab_size: int = _f(8192, fixed=True, help="vocabulary size of a trained WordPiece tokenizer")
-    lowercase: bool = _f(True, fixed=True, help="lowercase text in trained tokenizers (BERT 'uncased')")
-    seq_len: int = _f(128, fixed=True, help="tokens per training sequence, [CLS] and [SEP] included (the final length under a schedule)")
-    short_seq_prob: float = _f(0.1, help="sentence pairs: probability of a shorter random target length (BERT's)")
-    cache_dir: Optional[str] = _f(None, help="where prepared data is cached (default: $MASKEDLM_CACHE or ~/.cache/maskedlm)")
-    workers: int = _f(0, help="processes tokenising inputs in parallel (0: one per CPU core)")
-    tokenizer_train_bytes: int = _f(1_000_000_000, help="characters of training text a trained tokenizer learns from (a sample of big corpora)")
+    corpus: Optional[str] = _f("shakespeare", resume="fixed", help="embedded corpus used when --train is not given ('shakespeare')")
+    train: list[str] = _f(factory=list, resume="fixed", help="training text: files or folders (.txt, .md, .jsonl, optionally .gz; .parquet; a datasets folder)")
+    valid: list[str] = _f(factory=list, resume="fixed", help="held-out text; default: a fraction of the training documents")
+    valid_fraction: float = _f(0.05, resume="fixed", help="fraction of documents held out when --valid is not given")
+    doc_boundary: Literal["blank_line", "file"] = _f("blank_line", resume="fixed", help="in .txt files, documents are separated by blank lines, or one per file")
+    text_field: str = _f("text", resume="fixed", help="JSON field holding the text in .jsonl files")
+    strict_utf8: bool = _f(False, resume="fixed", help="refuse invalid UTF-8 (naming file and line) instead of replacing it")
+    tokenizer: str = _f("wordpiece", resume="never", help="'wordpiece' (trained on the training text), 'char', or a tokenizer.json / vocab.txt path")
+    vocab_size: int = _f(8192, resume="never", help="vocabulary size of a trained WordPiece tokenizer")
+    lowercase: bool = _f(True, resume="never", help="lowercase text in trained tokenizers (BERT 'uncased')")
+    seq_len: int = _f(128, resume="fixed", help="tokens per training sequence, [CLS] and [SEP] included (the final length under a schedule)")
+    short_seq_prob: float = _f(0.1, resume="fixed", help="sentence pairs: probability of a shorter random target length (BERT's)")
+    cache_dir: Optional[str] = _f(None, resume="free", help="where prepared data is cached (default: $MASKEDLM_CACHE or ~/.cache/maskedlm)")
+    workers: int = _f(0, resume="free", help="processes tokenising inputs in parallel (0: one per CPU core)")
+    tokenizer_train_bytes: int = _f(1_000_000_000, resume="never", help="characters of training text a trained tokenizer learns from (a sample of big corpora)")
 
 
 @dataclass
 class MaskConfig:
-    mask_prob: float = _f(0.15, fixed=True, help="fraction of (non-special) tokens selected for prediction")
-    mask_token_frac: float = _f(0.8, fixed=True, help="of the selected, the fraction replaced by [MASK]")
-    random_token_frac: float = _f(0.1, fixed=True, help="of the selected, the fraction replaced by a random token (the rest stay unchanged)")
-    strategy: Literal["token", "whole_word", "span"] = _f("token", flag="--masking", help="what is selected: single tokens (BERT), whole words, or spans (SpanBERT)")
-    span_p: float = _f(0.2, help="span masking: parameter of the geometric span-length distribution")
-    span_max: int = _f(10, help="span masking: longest span")
+    mask_prob: float = _f(0.15, resume="fixed", help="fraction of (non-special) tokens selected for prediction")
+    mask_token_frac: float = _f(0.8, resume="fixed", help="of the selected, the fraction replaced by [MASK]")
+    random_token_frac: float = _f(0.1, resume="fixed", help="of the selected, the fraction replaced by a random token (the rest stay unchanged)")
+    strategy: Literal["token", "whole_word", "span"] = _f("token", flag="--masking", resume="fixed", help="what is selected: single tokens (BERT), whole words, or spans (SpanBERT)")
+    span_p: float = _f(0.2, resume="fixed", help="span masking: parameter of the geometric span-length distribution")
+    span_max: int = _f(10, resume="fixed", help="span masking: longest span")
 
 
 @dataclass
 class TrainConfig:
-    objective: Literal["mlm", "mlm+nsp", "mlm+sop"] = _f("mlm", help="masked LM alone, or with next-sentence / sentence-order prediction on sentence pairs")
-    seq_len_schedule: Optional[SeqLenSchedule] = _f(None, help="sequence-length curriculum: 'L:fraction,...' (e.g. 64:0.9,128:0.1) or 'ramp:FROM:TO[:STEP]'; ends at --seq-len")
-    schedule_keep_tokens: bool = _f(True, help="under a length schedule, scale the batch so each step has the same number of tokens")
-    batch_size: int = _f(32, fixed=True, help="sequences per optimizer step, over all ranks (split over --grad-accum micro-batches)")
-    batch_ramp: Optional[BatchRamp] = _f(None, help="batch-size warmup 'START:FRACTION': from START sequences to --batch-size, linearly over that fraction of the run")
-    optimizer: Literal["adamw", "lamb"] = _f("adamw", help="AdamW, or LAMB for large global batches")
-    grad_accum: int = _f(1, help="micro-batches per optimizer step")
-    doc_masking: bool = _f(False, help="packed sequences: each token attends only within its own document (a document "
+    objective: Literal["mlm", "mlm+nsp", "mlm+sop"] = _f("mlm", resume="never", help="masked LM alone, or with next-sentence / sentence-order prediction on sentence pairs")
+    seq_len_schedule: Optional[SeqLenSchedule] = _f(None, resume="fixed", help="sequence-length curriculum: 'L:fraction,...' (e.g. 64:0.9,128:0.1) or 'ramp:FROM:TO[:STEP]'; ends at --seq-len")
+    schedule_keep_tokens: bool = _f(True, resume="fixed", help="under a length schedule, scale the batch so each step has the same number of tokens")
+    batch_size: int = _f(32, resume="fixed", help="sequences per optimizer step, over all ranks (split over --grad-accum micro-batches)")
+    batch_ramp: Optional[BatchRamp] = _f(None, resume="fixed", help="batch-size warmup 'START:FRACTION': from START sequences to --batch-size, linearly over that fraction of the run")
+    optimizer: Literal["adamw", "lamb"] = _f("adamw", resume="never", help="AdamW, or LAMB for large global batches")
+    grad_accum: int = _f(1, resume="fixed", help="micro-batches per optimizer step")
+    doc_masking: bool = _f(False, resume="fixed", help="packed sequences: each token attends only within its own document (a document "
                                        "ends at its [SEP]), not across the boundaries packing creates")
-    lr: float = _f(1e-3, help="peak learning rate")
-    weight_decay: float = _f(0.01, help="AdamW weight decay (not applied to biases and norms)")
-    adam_beta1: float = _f(0.9, help="AdamW beta1")
-    adam_beta2: float = _f(0.98, help="AdamW beta2")
-    adam_eps: float = _f(1e-6, help="AdamW epsilon")
-    warmup_frac: float = _f(0.06, help="fraction of the run spent warming the learning rate up")
-    schedule: Literal["linear", "cosine", "wsd"] = _f("linear", help="decay after warmup: linear, cosine, or "
+    lr: float = _f(1e-3, resume="fixed", help="peak learning rate")
+    weight_decay: float = _f(0.01, resume="fixed", help="AdamW weight decay (not applied to biases and norms)")
+    adam_beta1: float = _f(0.9, resume="fixed", help="AdamW beta1")
+    adam_beta2: float = _f(0.98, resume="fixed", help="AdamW beta2")
+    adam_eps: float = _f(1e-6, resume="fixed", help="AdamW epsilon")
+    warmup_frac: float = _f(0.06, resume="fixed", help="fraction of the run spent warming the learning rate up")
+    schedule: Literal["linear", "cosine", "wsd"] = _f("linear", resume="fixed", help="decay after warmup: linear, cosine, or "
                                                       "warmup-stable-decay (constant, then linear over --decay-frac)")
-    decay_frac: float = _f(0.2, help="wsd schedule: the final fraction of the run over which the LR decays")
-    min_lr_frac: float = _f(0.0, help="final learning rate as a fraction of the peak")
-    clip_grad: float = _f(1.0, help="gradient-norm clipping (0 disables)")
-    max_steps: Optional[int] = _f(None, help="stop after this many optimizer steps")
-    time_budget: Optional[float] = _f(None, help="stop after this many seconds of training; the LR schedule follows elapsed time")
-    init_from: Optional[str] = _f(None, fixed=True, help="start from this model: a Hugging Face BERT folder or a maskedlm run (its tokenizer and shape too)")
-    seed: int = _f(0, fixed=True, help="seed for initialisation, data order and masks")
-    device: str = _f("auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    precision: Literal["auto", "bf16", "fp32"] = _f("auto", help="'auto' uses bf16 autocast where the device has fast bf16")
-    compile: bool = _f(False, help="torch.compile the encoder (compile time is reported separately)")
-    log_every: int = _f(10, help="steps between metric records")
-    eval_every: int = _f(250, help="steps between held-out evaluations (0: only at the end)")
-    eval_seconds: float = _f(0.0, help="also evaluate every this many seconds of training (0: by steps only)")
-    eval_sequences: int = _f(512, help="held-out sequences per evaluation (fixed masks)")
-    eval_seed: int = _f(1234, help="seed of the fixed evaluation masks")
-    out: Optional[str] = _f(None, help="run folder (default: runs/<date>-<time>)")
-    resume: Optional[str] = _f(None, help="continue a run exactly: its folder (latest checkpoint) or a checkpoint folder")
-    allow_config_change: bool = _f(False, help="let --resume change settings that alter the run's meaning (batch size, data, shape, ...)")
-    checkpoint_every: int = _f(1000, help="steps between checkpoints (0: none but the last)")
-    checkpoint_minutes: float = _f(30.0, help="minutes between checkpoints (0: no time-based checkpoints)")
-    keep_checkpoints: int = _f(3, help="checkpoints kept (the newest; never the one resumed from)")
-    max_nonfinite: int = _f(5, help="consecutive steps with a non-finite loss or gradient (each skipped) before aborting")
-    dist_timeout: float = _f(600.0, help="seconds a rank waits for its peers before the job fails (torchrun)")
-    parallel: Literal["ddp", "fsdp"] = _f("ddp", help="under torchrun: replicate the model (DDP) or shard it (FSDP2, for models that do not fit one device)")
-    sample: bool = _f(True, help="print held-out lines with the model's predictions at the end")
-    probe: Optional[bool] = _f(None, help="run the genre probe at the end (default: when training on the embedded corpus)")
-    tensorboard: bool = _f(False, help="also log metrics to TensorBoard (RUN/tensorboard; needs the tensorboard package)")
-    plot: bool = _f(True, help="draw RUN/metrics.png at the end (needs matplotlib)")
+    decay_frac: float = _f(0.2, resume="fixed", help="wsd schedule: the final fraction of the run over which the LR decays")
+    min_lr_frac: float = _f(0.0, resume="fixed", help="final learning rate as a fraction of the peak")
+    clip_grad: float = _f(1.0, resume="fixed", help="gradient-norm clipping (0 disables)")
+    max_steps: Optional[int] = _f(None, resume="free", help="stop after this many optimizer steps")
+    time_budget: Optional[float] = _f(None, resume="free", help="stop after this many seconds of training; the LR schedule follows elapsed time")
+    init_from: Optional[str] = _f(None, resume="never", help="start from this model: a Hugging Face BERT folder or a maskedlm run (its tokenizer and shape too)")
+    seed: int = _f(0, resume="fixed", help="seed for initialisation, data order and masks")
+    device: str = _f("auto", resume="free", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    precision: Literal["auto", "bf16", "fp32"] = _f("auto", resume="fixed", help="'auto' uses bf16 autocast where the device has fast bf16")
+    compile: bool = _f(False, resume="free", help="torch.compile the encoder (compile time is reported separately)")
+    log_every: int = _f(10, resume="free", help="steps between metric records")
+    eval_every: int = _f(250, resume="free", help="steps between held-out evaluations (0: only at the end)")
+    eval_seconds: float = _f(0.0, resume="free", help="also evaluate every this many seconds of training (0: by steps only)")
+    eval_sequences: int = _f(512, resume="fixed", help="held-out sequences per evaluation (fixed masks)")
+    eval_seed: int = _f(1234, resume="fixed", help="seed of the fixed evaluation masks")
+    out: Optional[str] = _f(None, resume="ignore", help="run folder (default: runs/<date>-<time>)")
+    resume: Optional[str] = _f(None, resume="ignore", help="continue a run exactly: its folder (latest checkpoint) or a checkpoint folder")
+    allow_config_change: bool = _f(False, resume="ignore", help="let --resume change settings that alter the run's meaning (batch size, data, shape, ...)")
+    checkpoint_every: int = _f(1000, resume="free", help="steps between checkpoints (0: none but the last)")
+    checkpoint_minutes: float = _f(30.0, resume="free", help="minutes between checkpoints (0: no time-based checkpoints)")
+    keep_checkpoints: int = _f(3, resume="free", help="checkpoints kept (the newest; never the one resumed from)")
+    max_nonfinite: int = _f(5, resume="free", help="consecutive steps with a non-finite loss or gradient (each skipped) before aborting")
+    dist_timeout: float = _f(600.0, resume="free", help="seconds a rank waits for its peers before the job fails (torchrun)")
+    parallel: Literal["ddp", "fsdp"] = _f("ddp", resume="fixed", help="under torchrun: replicate the model (DDP) or shard it (FSDP2, for models that do not fit one device)")
+    sample: bool = _f(True, resume="free", help="print held-out lines with the model's predictions at the end")
+    probe: Optional[bool] = _f(None, resume="free", help="run the genre probe at the end (default: when training on the embedded corpus)")
+    tensorboard: bool = _f(False, resume="free", help="also log metrics to TensorBoard (RUN/tensorboard; needs the tensorboard package)")
+    plot: bool = _f(True, resume="free", help="draw RUN/metrics.png at the end (needs matplotlib)")
 
     @property
     def pair_task(self) -> Optional[Literal["nsp", "sop"]]:
@@ -234,23 +244,23 @@ class TrainConfig:
 class FinetuneConfig:
     """`maskedlm finetune`: sequence classification on the pooled [CLS] of a pre-trained encoder."""
 
-    train: str = _f("", help="labelled training examples: a .csv (with a header) or .jsonl file")
-    valid: str = _f("", help="labelled validation examples (same columns); early stopping and the reported metrics")
-    text_col: str = _f("text", help="column with the text")
-    text_pair_col: Optional[str] = _f(None, help="column with a second text, for sentence-pair tasks")
-    label_col: str = _f("label", help="column with the label (any string or integer)")
-    max_len: int = _f(128, help="longest input in tokens ([CLS] and [SEP] included); longer ones are truncated")
-    batch_size: int = _f(32, help="examples per step")
-    lr: float = _f(5e-5, help="peak learning rate (AdamW, linear warmup and decay)")
-    epochs: int = _f(5, help="most epochs")
-    warmup_frac: float = _f(0.1, help="fraction of the steps warming the learning rate up")
-    weight_decay: float = _f(0.01, help="AdamW weight decay")
-    clip_grad: float = _f(1.0, help="gradient-norm clipping (0 disables)")
-    patience: int = _f(2, help="stop after this many epochs without a better validation accuracy")
-    dropout: float = _f(0.1, help="dropout before the classifier")
-    seed: int = _f(0, help="seed for the classifier's initialisation and the data order")
-    device: str = _f("auto", help="'auto', 'cpu', 'cuda', ...")
-    out: Optional[str] = _f(None, help="output folder (default: RUN/finetuned-<train file name>)")
+    train: str = _f("", resume="ignore", help="labelled training examples: a .csv (with a header) or .jsonl file")
+    valid: str = _f("", resume="ignore", help="labelled validation examples (same columns); early stopping and the reported metrics")
+    text_col: str = _f("text", resume="ignore", help="column with the text")
+    text_pair_col: Optional[str] = _f(None, resume="ignore", help="column with a second text, for sentence-pair tasks")
+    label_col: str = _f("label", resume="ignore", help="column with the label (any string or integer)")
+    max_len: int = _f(128, resume="ignore", help="longest input in tokens ([CLS] and [SEP] included); longer ones are truncated")
+    batch_size: int = _f(32, resume="ignore", help="examples per step")
+    lr: float = _f(5e-5, resume="ignore", help="peak learning rate (AdamW, linear warmup and decay)")
+    epochs: int = _f(5, resume="ignore", help="most epochs")
+    warmup_frac: float = _f(0.1, resume="ignore", help="fraction of the steps warming the learning rate up")
+    weight_decay: float = _f(0.01, resume="ignore", help="AdamW weight decay")
+    clip_grad: float = _f(1.0, resume="ignore", help="gradient-norm clipping (0 disables)")
+    patience: int = _f(2, resume="ignore", help="stop after this many epochs without a better validation accuracy")
+    dropout: float = _f(0.1, resume="ignore", help="dropout before the classifier")
+    seed: int = _f(0, resume="ignore", help="seed for the classifier's initialisation and the data order")
+    device: str = _f("auto", resume="ignore", help="'auto', 'cpu', 'cuda', ...")
+    out: Optional[str] = _f(None, resume="ignore", help="output folder (default: RUN/finetuned-<train file name>)")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "FinetuneConfig":
@@ -314,6 +324,9 @@ class Config:
              f"model.hidden_size ({m.hidden_size}) must be a positive multiple of model.num_heads ({m.num_heads})"),
             (m.intermediate_size >= 1, "model.intermediate_size must be >= 1"),
             (m.qk_init_std is None or m.qk_init_std > 0, "model.qk_init_std must be > 0"),
+            (m.type_vocab_size >= 1, "model.type_vocab_size must be >= 1"),
+            (m.init_std > 0 and math.isfinite(m.init_std), "model.init_std must be a positive number"),
+            (m.layer_norm_eps > 0, "model.layer_norm_eps must be > 0"),
             (0.0 <= m.hidden_dropout < 1 and 0.0 <= m.attention_dropout < 1, "dropout must be in [0, 1)"),
             (8 <= d.seq_len <= m.max_position,
              f"data.seq_len ({d.seq_len}) must be between 8 and model.max_position ({m.max_position})"),
@@ -326,6 +339,10 @@ class Config:
             (t.batch_size >= 1 and t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
              f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})"),
             (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
+            (0.0 <= t.adam_beta1 < 1.0 and 0.0 <= t.adam_beta2 < 1.0, "train.adam_beta1 and train.adam_beta2 must be in [0, 1)"),
+            (t.adam_eps > 0, "train.adam_eps must be > 0"),
+            (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (t.seed >= 0 and t.eval_seed >= 0, "train.seed and train.eval_seed must be >= 0"),
             (0.0 <= t.warmup_frac < 1.0, "train.warmup_frac must be in [0, 1)"),
             (0.0 <= t.min_lr_frac <= 1.0, "train.min_lr_frac must be in [0, 1]"),
             (0.0 < t.decay_frac <= 1.0 - t.warmup_frac, "train.decay_frac must be in (0, 1 - warmup_frac]"),
@@ -350,15 +367,15 @@ class Config:
         """The sequence-length schedule as (length, end of phase in [0, 1]) pairs; one phase without one."""
         return seq_len_phases(self.train.seq_len_schedule, self.data.seq_len)
 
-    def fixed_differences(self, new: "Config") -> list[str]:
-        """'section.field: old -> new' for every setting marked `fixed` (it changes what a run computes)
-        that differs in `new`: what `--resume` refuses to change without --allow-config-change."""
-        out = []
+    def resume_changes(self, new: "Config") -> dict[str, list[str]]:
+        """What resuming this (saved) config as `new` changes, by resume policy (see `_f`):
+        {'free': [...], 'fixed': [...], 'never': [...]}, each entry 'section.field: old -> new'."""
+        out: dict[str, list[str]] = {"free": [], "fixed": [], "never": []}
         for section in SECTIONS:
             for f in dataclasses.fields(getattr(self, section)):
                 a, b = getattr(getattr(self, section), f.name), getattr(getattr(new, section), f.name)
-                if f.metadata.get("fixed") and a != b:
-                    out.append(f"{section}.{f.name}: {_plain(a)!r} -> {_plain(b)!r}")
+                if f.metadata["resume"] != "ignore" and a != b:
+                    out[f.metadata["resume"]].append(f"{section}.{f.name}: {_plain(a)!r} -> {_plain(b)!r}")
         return out
 
     def resolved(self) -> "Config":
@@ -448,7 +465,10 @@ def load_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from None
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml

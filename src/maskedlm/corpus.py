@@ -269,7 +269,9 @@ def jsonl_pieces(path: Path, text_field: str, strict: bool, stats: ReadStats) ->
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}: column {e.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{line_no}: JSON nested too deeply to read") from None
         if not isinstance(obj, dict) or text_field not in obj:
             raise UserError(f"{path}:{line_no}: expected a JSON object with a {text_field!r} field (set --text-field)")
         value = obj[text_field]
@@ -337,7 +339,10 @@ def hf_dataset_pieces(path: Path, text_field: str, stats: ReadStats) -> Iterator
         import datasets
     except ImportError:
         raise UserError(f"{path}: reading a datasets folder needs the datasets package (pip install 'maskedlm[datasets]')") from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as e:  # FileNotFoundError, a malformed state.json, ...
+        raise UserError(f"{path}: cannot read the datasets folder ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
         raise UserError(f"{path}: a DatasetDict with splits {', '.join(ds)}; give one split's folder, e.g. {path}/{next(iter(ds))}")
     if text_field not in ds.column_names:
@@ -396,12 +401,17 @@ def units(paths: list[str], fps: FingerprintCache) -> list[Unit]:
         p = Path(raw)
         if is_hf_dataset_folder(p):
             arrows = sorted(p.glob("*.arrow"))
+            if not arrows:
+                raise UserError(f"{p}: a datasets folder without its data (no .arrow files)")
             fp = hashlib.sha256(("hf-dataset|" + "|".join(fps.of(a) for a in arrows)
                                  + (p / "state.json").read_text()).encode()).hexdigest()
             out.append(Unit(str(p), "hf_dataset", fp, sum(a.stat().st_size for a in arrows)))
             continue
         if p.is_dir() and (p / "dataset_dict.json").is_file():
-            splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+            try:
+                splits = [str(x) for x in json.loads((p / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]]
+            except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
+                raise UserError(f"{p / 'dataset_dict.json'}: not a datasets DatasetDict description ({e})") from None
             raise UserError(f"{p}: a datasets DatasetDict (splits: {', '.join(splits)}); give one split's folder, e.g. {p}/{splits[0] if splits else 'train'}")
         for f in expand_paths([raw]):
             name = f.name[:-3] if f.name.endswith(".gz") else f.name

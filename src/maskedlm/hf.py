@@ -243,9 +243,13 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         files = [single]
     elif index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        outside = [s for s in shards if not isinstance(s, str) or (folder / s).resolve().parent != folder.resolve()]
+        if outside:
+            raise UserError(f"{index}: shard {outside[0]!r} is not a file in {folder}; refusing to read it")
         files = [folder / s for s in shards]
     if files:
         state = {}

@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .evaluate import EvalResult
 from .flops import train_flops
-from .paths import RunDir
+from .paths import RunDir, atomic_write
 from .schedules import TrainState
 from .step import StepStats
 
@@ -60,9 +60,14 @@ class Window:
 
 
 class MetricsLog:
-    """Appends records to RUN/metrics.jsonl (and TensorBoard); a no-op on ranks other than 0."""
+    """Appends records to RUN/metrics.jsonl (and TensorBoard); a no-op on ranks other than 0.
 
-    def __init__(self, run: RunDir, enabled: bool, tensorboard: bool):
+    A resumed run continues from step `from_step`: records of later steps (written before the run was
+    interrupted, or by the run a resume rewinds) are dropped first, so every step is recorded once."""
+
+    def __init__(self, run: RunDir, enabled: bool, tensorboard: bool, from_step: int = 0):
+        if enabled and run.metrics.is_file():
+            _drop_after(run.metrics, from_step)
         self.file = open(run.metrics, "a", encoding="utf-8") if enabled else None
         self.tb = None
         if tensorboard and enabled:
@@ -91,3 +96,17 @@ class MetricsLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_after(path, step: int) -> None:
+    """Keep the records of steps <= `step` (and drop a last line cut short by a crash)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    if len(keep) != len(lines):
+        atomic_write(path, "".join(keep))

@@ -44,6 +44,15 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, t: TrainConfig) -> None:
+    """Make `t` decide the optimizer's hyper-parameters after a checkpoint's optimizer state (which carries
+    the ones it was saved with) is loaded: weight decay on the matrices' group, betas, epsilon. (The LR is
+    set at every step.)"""
+    for i, group in enumerate(optimizer.param_groups):
+        group["weight_decay"] = t.weight_decay if i == 0 else 0.0  # groups as param_groups() builds them
+        group["betas"], group["eps"] = (t.adam_beta1, t.adam_beta2), t.adam_eps
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class RunDir:
     tensorboard = _file("tensorboard")
     checkpoints = _file("checkpoints")
     latest = _file("checkpoints", "latest")  # the pointer file naming the newest complete checkpoint
+    lock = _file(".lock")  # held by the one process writing the run (RunLock)
 
     @property
     def name(self) -> str:
@@ -105,6 +107,42 @@ def new_run_dir(out: str | None) -> Path:
             path, n = base.with_name(f"{base.name}-{n}"), n + 1
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class RunLock:
+    """One writer per run folder: an exclusive lock on RUN/.lock, held while a run trains. The file names
+    the holder (PID and host) for the error a second writer gets. The operating system releases the lock
+    when its holder exits or is killed, so a crashed run never blocks the next one (POSIX flock; on
+    systems without it there is no lock)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.file = run, None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        f = open(self.run.lock, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(f"{self.run.path} is in use by another maskedlm run ({holder}); wait for it to finish "
+                            f"or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None
 
 
 # -- atomic writes ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, Checkpointer, read_checkpoint, restore_rng, save_config
+from .checkpoint import Checkpoint, Checkpointer, find_checkpoint, read_checkpoint, restore_rng, save_config
 from .config import Config
 from .data import Prepared, Split, prepare
 from .distributed import Dist, Parallel, load_optimizer_state, parallelize
@@ -25,8 +25,8 @@ from .feed import DataFeed
 from .loading import load_for_init
 from .masking import MaskSpec
 from .model import BertForPreTraining
-from .optim import make_optimizer
-from .paths import RunDir, new_run_dir
+from .optim import apply_hyperparameters, make_optimizer
+from .paths import RunDir, RunLock, new_run_dir
 from .runtime import resolve_precision
 from .schedules import TrainState
 from .step import TrainStep
@@ -48,6 +48,7 @@ class Run:
     state: TrainState
     feed: DataFeed
     checkpointer: Checkpointer
+    lock: RunLock  # this process is the run folder's one writer (rank 0; the other ranks hold none)
     log: Callable[..., None]
 
     @property
@@ -75,6 +76,7 @@ class _Start:
     """Where a run starts: its folder, and a checkpoint to resume or a model to continue from."""
 
     dir: RunDir
+    lock: RunLock
     checkpoint: Checkpoint | None = None
     model: BertForPreTraining | None = None
     tokenizer: Tokenizer | None = None
@@ -86,6 +88,15 @@ def build_run(cfg: Config, device: torch.device, dist: Dist, log) -> Run:
     if t.batch_size % (dist.world * t.grad_accum):
         raise UserError(f"--batch-size {t.batch_size} must divide by world size x --grad-accum ({dist.world} x {t.grad_accum})")
     start = _resume(cfg, dist, log) if t.resume else _fresh(cfg, dist, log)
+    try:
+        return _build(cfg, start, device, dist, amp_dtype, log)
+    except BaseException:
+        start.lock.release()
+        raise
+
+
+def _build(cfg: Config, start: "_Start", device: torch.device, dist: Dist, amp_dtype: torch.dtype | None, log) -> Run:
+    t = cfg.train
     t.out = str(start.dir.path)
     data = _prepare(cfg, start.tokenizer, dist, log)
     tok = data.tokenizer
@@ -108,6 +119,7 @@ def build_run(cfg: Config, device: torch.device, dist: Dist, log) -> Run:
     state = TrainState()
     if (ckpt := start.checkpoint) is not None:
         load_optimizer_state(model, optimizer, ckpt.optimizer_state(), parallel.fsdp)
+        apply_hyperparameters(optimizer, t)  # a resume with --allow-config-change may have changed them
         state = dataclasses.replace(ckpt.state.train_state)
         restore_rng(ckpt.rng, ckpt.state.rng, mask_gen, dist.rank)
     feed = DataFeed(cfg, data.train, tok.special, dist, device, state)
@@ -119,7 +131,7 @@ def build_run(cfg: Config, device: torch.device, dist: Dist, log) -> Run:
         save_config(cfg, start.dir.config)
         tok.save(start.dir.path)
     return Run(cfg, start.dir, device, dist, amp_dtype, tok, data, evaluator, parallel, step, state, feed,
-               checkpointer, log)
+               checkpointer, start.lock, log)
 
 
 def unigram_counts(split: Split, vocab_size: int, limit: int = 50_000_000) -> torch.Tensor:
@@ -131,15 +143,30 @@ def unigram_counts(split: Split, vocab_size: int, limit: int = 50_000_000) -> to
 def _resume(cfg: Config, dist: Dist, log) -> _Start:
     """Continue a run exactly from a checkpoint; refuse settings that would change what it computes."""
     t = cfg.train
-    ckpt = read_checkpoint(t.resume)
+    found = find_checkpoint(t.resume)
+    lock = _lock(found.run, dist)  # before reading: the checkpoint may be the one another process is writing
+    try:
+        return _resume_from(cfg, read_checkpoint(found.path), lock, dist, log)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_from(cfg: Config, ckpt: Checkpoint, lock: RunLock, dist: Dist, log) -> _Start:
+    t = cfg.train
     saved = ckpt.state.config
     # The shape comes from the run; only then compare what the user asked for with what it was.
     cfg.model.vocab_size, cfg.model.pad_token_id = saved.model.vocab_size, saved.model.pad_token_id
-    diffs = saved.fixed_differences(cfg)
+    changes = saved.resume_changes(cfg)
+    if changes["never"]:
+        raise UserError(f"--resume cannot change {'; '.join(changes['never'])} (the checkpoint decides it; start a new "
+                        f"run, or continue from it with --init-from)")
     if ckpt.state.world_size != dist.world:
-        diffs.append(f"world size: {ckpt.state.world_size} -> {dist.world}")
-    if diffs and not t.allow_config_change:
-        raise UserError(f"--resume would change the run: {'; '.join(diffs)} (pass --allow-config-change to accept)")
+        changes["fixed"].append(f"world size: {ckpt.state.world_size} -> {dist.world}")
+    if changes["fixed"] and not t.allow_config_change:
+        raise UserError(f"--resume would change the run: {'; '.join(changes['fixed'])} "
+                        f"(pass --allow-config-change to accept)")
+    diffs = changes["fixed"] + changes["free"]
     run = ckpt.path.run
     tok = Tokenizer.from_file(run.tokenizer)
     if tok.hash != ckpt.state.tokenizer_hash:
@@ -147,20 +174,30 @@ def _resume(cfg: Config, dist: Dist, log) -> _Start:
                         f"trained with {ckpt.state.tokenizer_hash[:12]}")
     log(f"resuming {run.path} from {ckpt.path.name} (step {ckpt.state.step})"
         + (f"; changed: {'; '.join(diffs)}" if diffs else ""))
-    return _Start(run, checkpoint=ckpt, tokenizer=tok)
+    return _Start(run, lock, checkpoint=ckpt, tokenizer=tok)
 
 
 def _fresh(cfg: Config, dist: Dist, log) -> _Start:
     """A new run folder; with --init-from, the given model's shape, weights and tokenizer (this run's dropout)."""
     run = RunDir(Path(dist.broadcast_object(str(new_run_dir(cfg.train.out)) if dist.is_main else None)))
+    lock = _lock(run, dist)
     if not cfg.train.init_from:
-        return _Start(run)
-    model, tok, note = load_for_init(cfg.train.init_from)
+        return _Start(run, lock)
+    try:
+        model, tok, note = load_for_init(cfg.train.init_from)
+    except BaseException:
+        lock.release()
+        raise
     dropout = cfg.model.hidden_dropout, cfg.model.attention_dropout
     cfg.model = dataclasses.replace(model.config, preset=None)
     cfg.model.hidden_dropout, cfg.model.attention_dropout = dropout
     log(f"{cfg.train.init_from}: {note}")
-    return _Start(run, model=model, tokenizer=tok)
+    return _Start(run, lock, model=model, tokenizer=tok)
+
+
+def _lock(run: RunDir, dist: Dist) -> RunLock:
+    """Rank 0 holds the run folder's lock (the others write nothing there)."""
+    return RunLock(run).acquire() if dist.is_main else RunLock(run)
 
 
 def _prepare(cfg: Config, tokenizer: Tokenizer | None, dist: Dist, log) -> Prepared:

@@ -8,8 +8,10 @@ HTML and JavaScript with canvas charts, so it works offline. JSON endpoints:
     GET  /api/metrics?since=N    metrics.jsonl records from line N (the page polls it while a run trains)
     GET  /api/sample?lines=3     held-out text with masked positions and the model's guesses
 
-It binds to 127.0.0.1 unless told otherwise; request bodies and texts are capped; a bad request gets a
-4xx status with {"error": "..."}. While a run trains, the weights come from its newest checkpoint and are
+It binds to 127.0.0.1 unless told otherwise and answers only requests addressed to localhost or its bound
+address (or hosts named with --allow-host), so a web page cannot reach it through DNS rebinding; request
+bodies and texts are capped; a bad request gets a 4xx status with {"error": "..."}; a connection idle for
+30 s is closed. While a run trains, the weights come from its newest checkpoint and are
 reloaded when a newer one appears.
 """
 
@@ -131,12 +133,19 @@ def _page() -> bytes:
     return (importlib.resources.files("maskedlm") / "static" / "index.html").read_bytes()
 
 
-class _Server(ThreadingHTTPServer):
-    """The HTTP server with what its handlers serve: the run's model and the page."""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
-    def __init__(self, address: tuple[str, int], state: RunModel):
+
+class _Server(ThreadingHTTPServer):
+    """The HTTP server with what its handlers serve: the run's model and the page, and the host names that
+    requests may address (a DNS-rebinding page addresses the server under its own name, and is refused)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], state: RunModel, allowed_hosts: tuple[str, ...], timeout: float):
         super().__init__(address, _Handler)
-        self.state, self.page = state, _page()
+        self.state, self.page, self.timeout_s = state, _page(), timeout
+        self.allowed_hosts = {h.lower() for h in (*LOOPBACK_NAMES, address[0], *allowed_hosts)}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -157,13 +166,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, obj, status: HTTPStatus = HTTPStatus.OK) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
 
+    def setup(self) -> None:
+        self.timeout = self.server.timeout_s  # idle or slow clients are dropped (StreamRequestHandler)
+        super().setup()
+
     def _handle(self, fn) -> None:
         try:
+            self._check_host()
             fn()
         except _BadRequest as e:
             self._json({"error": str(e)}, e.status)
         except UserError as e:
             self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+
+    def _check_host(self) -> None:
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        if name not in self.server.allowed_hosts:
+            raise _BadRequest(HTTPStatus.FORBIDDEN, f"host {host!r} is not served here (maskedlm serve --allow-host "
+                                                    f"NAME lets another name in)")
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self._handle(self._get)
@@ -194,29 +215,35 @@ class _Handler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         if urlparse(self.path).path != "/api/fill":
             raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
-        length = int(self.headers.get("Content-Length") or 0)
+        raw_length = (self.headers.get("Content-Length") or "0").strip()
+        if not raw_length.isdigit():
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length must be a non-negative integer")
+        length = int(raw_length)
         if length > MAX_BODY:
             raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body must be JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body must be JSON (and not nested deeply)") from None
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             raise _BadRequest(HTTPStatus.BAD_REQUEST, 'expected {"text": "...", "top_k": 5}')
         text = body["text"]
         if len(text) > MAX_TEXT:
             raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"text over {MAX_TEXT} characters")
         top_k = body.get("top_k", 5)
-        if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        if type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K:  # not a bool, which passes isinstance(int)
             raise _BadRequest(HTTPStatus.BAD_REQUEST, f"top_k must be an integer from 1 to {MAX_TOP_K}")
         self._json(self.server.state.fill(text, top_k))
 
 
-def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> ThreadingHTTPServer:
+def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+                allowed_hosts: tuple[str, ...] = (), timeout: float = 30.0) -> ThreadingHTTPServer:
+    """The server over a run folder (or transformers folder). Requests must address it as localhost, its bound
+    address, or one of `allowed_hosts`; a connection idle or stalled for `timeout` seconds is closed."""
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"no such run folder: {run}")
-    return _Server((host, port), RunModel(run, device))
+    return _Server((host, port), RunModel(run, device), tuple(allowed_hosts), timeout)
 
 
 def _int(q: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -231,9 +258,10 @@ def _int(q: dict, key: str, default: int, lo: int, hi: int) -> int:
     return v
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", log=print) -> None:
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+          allowed_hosts: tuple[str, ...] = (), log=print) -> None:
     try:
-        server = make_server(run, host, port, device)
+        server = make_server(run, host, port, device, allowed_hosts)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     log(f"serving {run} on http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)")

@@ -52,7 +52,10 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
         if device.type == "cuda" and d.active:
             device = torch.device("cuda", d.local_rank)
         run = build_run(cfg, device, d, log if d.is_main else (lambda *a, **k: None))
-        return train(run, progress_bar if d.is_main else False)
+        try:
+            return train(run, progress_bar if d.is_main else False)
+        finally:
+            run.lock.release()  # the run folder's one writer is done
     finally:
         if started_group:
             distributed.shutdown()
@@ -65,8 +68,9 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
         secs = sum(run.step.compile_now(run.feed.phase_batch(n), n) for n, _ in run.feed.phases)
         run.log(f"compiled the encoder in {secs:.1f}s (not counted as training time)")
     peak = matmul_peak(run.device.type, run.amp_dtype or torch.float32) * d.world  # for MFU (flops.py)
-    metrics, bar, window = MetricsLog(run.dir, d.is_main, t.tensorboard), Progress(1000, "training", enabled=progress_bar), Window(run.cfg.model)
-    last_eval, failed, last_save, evaluated_at = None, 0, time.time(), state.elapsed
+    metrics, window = MetricsLog(run.dir, d.is_main, t.tensorboard, from_step=state.step), Window(run.cfg.model)
+    bar = Progress(1000, "training", enabled=progress_bar)
+    failed, last_save, evaluated_at = 0, time.time(), state.elapsed
     try:
         with StopSignals() as stop:
             while progress(state, t) < 1.0 and not stop.agreed(d, run.device):
@@ -89,21 +93,25 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
                     metrics.write(entry)
                     bar.set(int(1000 * min(progress(state, t), 1.0)), _progress_line(entry, state, t))
                     window = Window(run.cfg.model)
-                if ((t.eval_every and state.step % t.eval_every == 0) or done
+                if done:
+                    break
+                if ((t.eval_every and state.step % t.eval_every == 0)
                         or (t.eval_seconds and state.elapsed - evaluated_at >= t.eval_seconds)):
-                    last_eval, evaluated_at = run.evaluate(), state.elapsed
-                    metrics.write_eval(state, last_eval)
-                if not done and _checkpoint_due(state, t, last_save):
+                    metrics.write_eval(state, run.evaluate())
+                    evaluated_at = state.elapsed
+                if _checkpoint_due(state, t, last_save):
                     run.checkpointer.save(state)
                     last_save = time.time()
+            if stop.signal is None:  # the final checkpoint first: a kill during the final evaluation loses nothing
+                run.checkpointer.save(state, final=True)
+                last_eval = run.evaluate()
+                metrics.write_eval(state, last_eval)
     finally:
         run.feed.close()
         bar.close()
         metrics.close()
     if stop.signal is not None:
         return _stopped(run, signal.Signals(stop.signal).name)
-    run.checkpointer.save(state, final=True)
-    last_eval = last_eval or run.evaluate()  # None when a finished run was resumed
     write_artifacts(run, last_eval)
     d.barrier()
     return _result(run, last_eval)
