@@ -44,7 +44,7 @@ def check_correctness(device: torch.device, vocab: int = 30522, preset: str = "m
     from maskedlm.optim import make_optimizer
     from maskedlm.step import TrainStep
 
-    cfg = ModelConfig(vocab_size=vocab, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = ModelConfig(arch="bert", vocab_size=vocab, hidden_dropout=0.0, attention_dropout=0.0)
     cfg.apply_preset(preset)
     torch.manual_seed(0)
     cpu_model = BertForPreTraining(cfg).train()

@@ -44,7 +44,7 @@ def kind(name: str) -> str:
 
 def profile(batch: int, seq: int, variant: str = "eager", steps: int = 6) -> dict:
     """variant: 'eager', 'compile', 'no-bias' (Q/K/V/output/FFN linears without biases) or 'compile+no-bias'."""
-    cfg = ModelConfig(vocab_size=30522, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = ModelConfig(arch="bert", vocab_size=30522, hidden_dropout=0.0, attention_dropout=0.0)
     cfg.apply_preset("base")
     cfg.linear_bias = "no-bias" not in variant
     torch.manual_seed(0)

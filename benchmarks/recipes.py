@@ -1,7 +1,8 @@
 """Time to quality beyond the MLM plateau: which training recipe learns fastest per second?
 
-Each recipe is a set of config overrides on top of the default `maskedlm pretrain` (BERT-mini, WordPiece,
-seq 128, batch 32, the embedded corpus unless --train is given). Every run is a real `maskedlm.pretrain`
+Each recipe is a set of config overrides on top of the default `maskedlm pretrain` (ModernBERT-mini since
+Step 11, `NAME:model.arch=bert` for BERT-mini; WordPiece, seq 128, batch 32, the embedded corpus unless
+--train is given). Every run is a real `maskedlm.pretrain`
 with a wall-clock budget of training; held-out masked-token accuracy is measured on the fixed standard masks
 (15%, 80/10/10, the same positions in every run) of the fixed held-out split every --eval-seconds of training
 (evaluation time is not counted). Per run: the first evaluation at or above each threshold (20, 25, 30,
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     stem = args.out / "recipes"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
     plot(results, stem.with_suffix(".png"),
-         f"BERT-mini, {args.budget:g}s of training per run, {len(args.seeds)} seed(s), vocab {args.vocab_size}")
+         f"mini, {args.budget:g}s of training per run, {len(args.seeds)} seed(s), vocab {args.vocab_size}")
     print("\nrecipe                        accuracy (mean ± sd)   first crossing (mean s): " + "  ".join(f"{t:.0%}" for t in THRESHOLDS))
     for name, e in results.items():
         s = e["summary"]

@@ -31,16 +31,17 @@ import maskedlm.model as model_mod
 from maskedlm.config import PRESETS, ModelConfig, TrainConfig
 from maskedlm.flops import matmul_peak, train_flops
 from maskedlm.masking import IGNORE_INDEX, MaskSpec
-from maskedlm.model import BertForPreTraining, Output
+from maskedlm.model import Output
+from maskedlm.modernbert import build_model
 from maskedlm.runtime import autocast
 from maskedlm.distributed import parallelize
 from maskedlm.optim import make_optimizer, param_groups
 from maskedlm.step import TrainStep
 
 
-def model_config(shape: str, dropout: float) -> ModelConfig:
+def model_config(shape: str, dropout: float, arch: str = "bert") -> ModelConfig:
     preset, vocab = shape.split("-")
-    cfg = ModelConfig(vocab_size=int(vocab), hidden_dropout=dropout, attention_dropout=dropout)
+    cfg = ModelConfig(arch=arch, vocab_size=int(vocab), hidden_dropout=dropout, attention_dropout=dropout)
     cfg.apply_preset(preset)
     return cfg
 
@@ -104,7 +105,7 @@ def make_ours(cfg: ModelConfig, device: torch.device, amp, *, variant: str = "fu
     if variant == "no-bias":  # --no-linear-bias: Q/K/V/output and FFN linears without biases
         cfg = dataclasses.replace(cfg, linear_bias=False)
     torch.manual_seed(0)
-    model = BertForPreTraining(cfg).to(device).train()
+    model = build_model(cfg).to(device).train()
     t = TrainConfig()
     if variant == "foreach-adamw":
         opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=1e-4, foreach=True)
@@ -129,12 +130,23 @@ def make_peer(cfg: ModelConfig, device: torch.device, amp, attn: str, compile: b
     import transformers
 
     torch.manual_seed(0)
+    if cfg.arch == "modernbert":  # transformers' ModernBertForMaskedLM on the same shape (ModernBERT's sparse
+        # prediction on: its head then runs on the masked positions only, as ours does)
+        hf_cfg = transformers.ModernBertConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, local_attention=cfg.local_attention,
+            global_attn_every_n_layers=cfg.global_every, max_position_embeddings=max(cfg.max_position, 8192),
+            norm_eps=cfg.layer_norm_eps, pad_token_id=0, bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3,
+            sparse_prediction=True, attn_implementation=attn)
+        model = transformers.ModernBertForMaskedLM(hf_cfg).to(device).train()
+    else:
+        model = None
     hf_cfg = transformers.BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
         hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
         max_position_embeddings=cfg.max_position, attn_implementation=attn)
-    model = transformers.BertForMaskedLM(hf_cfg).to(device).train()
+    model = model or transformers.BertForMaskedLM(hf_cfg).to(device).train()
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, fused=device.type in ("cpu", "cuda"))
     forward = torch.compile(model) if compile else model  # the peer at its best: compiled, as ours can be
 
@@ -223,6 +235,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["mini-30522", "mini-8192", "small-30522"],
                     help="PRESET-VOCAB, presets: " + ", ".join(PRESETS))
+    ap.add_argument("--arch", choices=["bert", "modernbert"], default="bert",
+                    help="the architecture of both systems (modernbert: the peer is transformers' ModernBertForMaskedLM)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--dropout", type=float, default=0.0, help="for both systems (maskedlm's default is 0)")
@@ -254,7 +268,7 @@ def main(argv=None) -> dict:
     results = []
     for shape in args.shapes:
         for seq in args.seq:
-            cfg = model_config(shape, args.dropout)
+            cfg = model_config(shape, args.dropout, args.arch)
             data = batches(cfg, args.batch, seq, device)
             fns = {"maskedlm": make_ours(cfg, device, amp)}
             for attn in args.peer_attn:

@@ -29,6 +29,7 @@ from maskedlm.evaluate import Evaluator
 from maskedlm.hf import key_map
 from maskedlm.masking import MaskSpec
 from maskedlm.model import BertForPreTraining
+from maskedlm.modernbert import build_model
 from maskedlm.runtime import autocast
 from maskedlm.distributed import parallelize
 from maskedlm.optim import make_optimizer, param_groups
@@ -118,13 +119,17 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=float, default=30.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peer-attn", default="eager")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="both systems' peak LR (--ours bert) or the peer's")
+    ap.add_argument("--ours", choices=["bert", "default"], default="bert",
+                    help="bert: our BERT from the peer's initial weights (step speed only); default: maskedlm's default "
+                         "recipe (ModernBERT, its own initialisation and LR) on the same data, batches and masks")
+    ap.add_argument("--our-budget", type=float, help="training seconds for ours (default: --budget)")
     ap.add_argument("--vocab-size", type=int, default=8192, help="WordPiece vocabulary (maskedlm's default 8192; BERT's 30522)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/time_to_quality"))
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    cfg = Config()
+    cfg = Config.from_dict({"model": {"arch": "bert"}})  # the peer is a BertForMaskedLM: the same architecture
     cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
     cfg.train.lr = args.lr
     cfg.data.vocab_size = args.vocab_size
@@ -134,11 +139,17 @@ def main(argv=None):
           f"batch {cfg.train.batch_size}, lr {cfg.train.lr}, budget {args.budget:g}s each", flush=True)
 
     t = cfg.train
+    our_cfg = cfg
+    if args.ours == "default":
+        our_cfg = Config.from_dict({"model": {"preset": cfg.model.preset}, "data": {"vocab_size": args.vocab_size}})
+        our_cfg.model.vocab_size, our_cfg.model.pad_token_id = cfg.model.vocab_size, cfg.model.pad_token_id
+        torch.manual_seed(our_cfg.train.seed)
+        ours = build_model(our_cfg.model).to(device).train()
     gen = torch.Generator(device=device).manual_seed(t.seed)
     our_par = parallelize(ours, amp_dtype=amp)
-    our_step = TrainStep(our_par, make_optimizer(ours, t), spec, gen, clip_grad=t.clip_grad)
-    curve_ours = train_for("maskedlm", lambda ids, lr: our_step(ids, lr), ours, evaluator, train, cfg, device, amp,
-                           args.budget, args.eval_every)
+    our_step = TrainStep(our_par, make_optimizer(ours, our_cfg.train), spec, gen, clip_grad=our_cfg.train.clip_grad)
+    curve_ours = train_for("maskedlm", lambda ids, lr: our_step(ids, lr), ours, evaluator, train, our_cfg, device, amp,
+                           args.our_budget or args.budget, args.eval_every)
 
     peer_opt = torch.optim.AdamW(param_groups(hf, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                  eps=t.adam_eps, fused=device.type in ("cpu", "cuda"))
@@ -161,7 +172,8 @@ def main(argv=None):
     target = curve_peer[-1]["accuracy"]
     t_ours, t_peer = time_to_reach(curve_ours, target), time_to_reach(curve_peer, target)
     summary = {"date": datetime.date.today().isoformat(), "machine": platform.node(), "device": str(device),
-               "budget_s": args.budget, "peer_final_accuracy": target, "ours_final_accuracy": curve_ours[-1]["accuracy"],
+               "budget_s": args.budget, "our_budget_s": args.our_budget or args.budget, "ours": args.ours,
+               "ours_arch": our_cfg.model.arch, "lr": {"ours": our_cfg.train.lr, "peer": cfg.train.lr}, "peer_final_accuracy": target, "ours_final_accuracy": curve_ours[-1]["accuracy"],
                "ours_time_to_peer_final_s": t_ours, "peer_time_to_peer_final_s": t_peer,
                "ratio": (t_ours / t_peer) if t_ours and t_peer else None,
                "steps": {"maskedlm": curve_ours[-1]["step"], "transformers": curve_peer[-1]["step"]},
@@ -180,7 +192,7 @@ def main(argv=None):
         ax.axhline(target, color="grey", ls=":", lw=1, label=f"transformers' final accuracy ({target:.3f})")
         ax.set_xlabel("training time (s)")
         ax.set_ylabel("held-out masked-token accuracy")
-        ax.set_title(f"BERT-mini on Shakespeare, {device}, {args.budget:g}s each")
+        ax.set_title(f"mini on Shakespeare, {device}: maskedlm {our_cfg.model.arch} vs transformers BERT")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.out / "time_to_quality.png", dpi=120)

@@ -40,7 +40,7 @@ def test_bad_config_is_a_clear_error(bad, message):
 
 @pytest.mark.parametrize("change, message", [
     (("model", "num_heads", 5), r"multiple of model.num_heads"),
-    (("data", "seq_len", 1024), r"data.seq_len \(1024\) must be between 8 and model.max_position"),
+    (("data", "seq_len", 9000), r"data.seq_len \(9000\) must be between 8 and model.max_position \(8192\)"),
     (("mask", "mask_prob", 0.0), r"mask.mask_prob"),
     (("train", "grad_accum", 3), r"multiple of train.grad_accum"),
     (("mask", "random_token_frac", 0.5), r"mask_token_frac \+ mask.random_token_frac"),

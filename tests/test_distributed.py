@@ -54,7 +54,7 @@ def corpus(corpus_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--grad-accum", "2"], ["--objective", "mlm+nsp"], ["--parallel", "fsdp"],
+@pytest.mark.parametrize("extra", [[], ["--grad-accum", "2"], ["--objective", "mlm+nsp", "--arch", "bert"], ["--parallel", "fsdp"],
                                    ["--parallel", "fsdp", "--grad-accum", "2"]],
                          ids=["ddp", "ddp-accumulation", "ddp-nsp", "fsdp", "fsdp-accumulation"])
 def test_two_ranks_train_the_same_model_as_one_process_with_the_same_global_batch(tmp_path, corpus, extra):
@@ -192,6 +192,7 @@ def test_training_with_lamb_and_a_batch_ramp(tmp_path, corpus):
 
     cfg = tiny_config(tmp_path, [str(corpus)], max_steps=20, log_every=1, eval_every=0, optimizer="lamb",
                       batch_ramp="2:0.5", precision="fp32")
+    cfg.model.switch_arch("bert")
     res = pretrain(cfg, log=lambda *a: None, progress_bar=False)
     recs = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"split"' not in line]
     tokens = [r["tokens"] for r in recs]
@@ -238,7 +239,7 @@ from maskedlm.step import TrainStep
 
 def model_and_step(d):
     torch.manual_seed(0)
-    cfg = ModelConfig(preset=None, num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50,
+    cfg = ModelConfig(arch="bert", preset=None, num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50,
                       hidden_dropout=0.0, attention_dropout=0.0)
     model = BertForPreTraining(cfg)
     # Plain SGD: the update is linear in the gradient, so a wrong gradient cannot hide behind Adam's scaling.

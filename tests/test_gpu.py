@@ -31,7 +31,7 @@ def _pair(num_layers=2, hidden=256, heads=4, vocab=1000):
     from maskedlm.hf import key_map
     from maskedlm.model import BertForPreTraining
 
-    cfg = ModelConfig(vocab_size=vocab, num_layers=num_layers, hidden_size=hidden, num_heads=heads,
+    cfg = ModelConfig(arch="bert", layer_norm_eps=1e-12, vocab_size=vocab, num_layers=num_layers, hidden_size=hidden, num_heads=heads,
                       intermediate_size=4 * hidden, hidden_dropout=0.0, attention_dropout=0.0)
     cfg.preset = None
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ a resumed run records every step once; the final checkpoint comes before the fin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import socket
 import threading
@@ -109,7 +110,8 @@ def test_every_setting_declares_what_resume_does_with_it():
 
 @pytest.mark.parametrize("flags, allowed, message", [
     (["--lr", "0.01"], False, "would change the run: train.lr: 0.001 -> 0.01 (pass --allow-config-change"),
-    (["--objective", "mlm+nsp", "--allow-config-change"], False, "cannot change train.objective: 'mlm' -> 'mlm+nsp'"),
+    (["--objective", "mlm+nsp", "--allow-config-change"], False, "ModernBERT has no pooler or next-sentence head"),
+    (["--arch", "bert", "--allow-config-change"], False, "cannot change model.arch: 'modernbert' -> 'bert'"),
     (["--tokenizer", "elsewhere.json", "--allow-config-change"], False, "cannot change data.tokenizer"),
     (["--optimizer", "lamb", "--allow-config-change"], False, "cannot change train.optimizer"),
     (["--lr", "0.01", "--allow-config-change"], True, "changed: train.lr: 0.001 -> 0.01; train.max_steps: 6 -> 9"),
@@ -129,6 +131,14 @@ def test_resume_refuses_or_applies_each_kind_of_change(capsys, tmp_path, run_dir
         from maskedlm.schedules import lr_factor
 
         assert lrs[7] == pytest.approx(0.01 * lr_factor(7 / 9, 0.06))
+
+
+def test_resume_never_changes_the_objective_of_a_bert_run(capsys, tmp_path):
+    """The run folder written before Step 10 is a BERT's (its config predates model.arch)."""
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "run-before-step10", run)
+    message = cli_error(capsys, "pretrain", "--resume", run, "--objective", "mlm+nsp", "--allow-config-change")
+    assert "cannot change train.objective: 'mlm' -> 'mlm+nsp'" in message
 
 
 def test_a_changed_weight_decay_reaches_the_optimizer(tmp_path, run_dir):

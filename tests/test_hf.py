@@ -32,7 +32,7 @@ def chars():
 
 def our_model(tok: Tokenizer, seed=0, linear_bias=True) -> BertForPreTraining:
     torch.manual_seed(seed)
-    cfg = ModelConfig(preset=None, num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
+    cfg = ModelConfig(arch="bert", preset=None, num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
                       vocab_size=tok.vocab_size, pad_token_id=tok.special.pad, hidden_dropout=0.0,
                       attention_dropout=0.0, linear_bias=linear_bias)
     model = BertForPreTraining(cfg).eval()

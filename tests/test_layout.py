@@ -16,7 +16,7 @@ PACKAGE = Path(maskedlm.__file__).parent
 # Low to high. A module may import from its own station (without a cycle) and from the stations below.
 STATIONS = [
     ("foundations", {"errors", "progress", "paths", "runtime", "config", "flops"}),
-    ("text, data and the model", {"tokenizer", "corpus", "data", "batches", "masking", "model", "distributed", "optim"}),
+    ("text, data and the model", {"tokenizer", "corpus", "data", "batches", "masking", "model", "modernbert", "distributed", "optim"}),
     ("formats on disk", {"checkpoint", "hf", "loading", "schedules", "plots"}),
     ("what runs on a model", {"fill", "evaluate", "finetune", "probe", "step", "feed", "metrics"}),
     ("a pre-training run", {"run", "artifacts", "train"}),

@@ -11,7 +11,7 @@ from maskedlm.masking import IGNORE_INDEX
 
 
 def small_config(**kw) -> ModelConfig:
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=97,
+    cfg = ModelConfig(arch="bert", layer_norm_eps=1e-12, num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=97,
                       hidden_dropout=0.0, attention_dropout=0.0)
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -43,7 +43,7 @@ def test_linear_bias_off_drops_exactly_the_block_linear_biases():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_have_google_shapes(name):
-    cfg = ModelConfig()
+    cfg = ModelConfig(arch="bert")
     cfg.apply_preset(name)
     layers, hidden = PRESETS[name]
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (layers, hidden, hidden // 64, 4 * hidden)

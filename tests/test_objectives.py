@@ -240,6 +240,7 @@ def test_curriculum_switches_length_at_constant_tokens_and_resumes_exactly(tmp_p
 def test_sentence_pair_objectives_train_and_export(tmp_path, corpus_dir, objective):
     cfg = tiny_config(tmp_path, [str(corpus_dir)], max_steps=8, log_every=2, eval_every=4)
     cfg.train.objective = objective
+    cfg.model.switch_arch("bert")  # the pooler and NSP head are BERT's
     res = pretrain(cfg, log=quiet, progress_bar=False)
     train = [r for r in records(res.run_dir) if "split" not in r]
     assert all(0 <= r["nsp_accuracy"] <= 1 and r["nsp_loss"] > 0 for r in train)

@@ -47,7 +47,7 @@ def test_training_mask_rate_is_the_configured_one_and_evaluation_stays_at_15_per
 
 
 def test_query_and_key_initialisation():
-    cfg = ModelConfig(vocab_size=50, num_layers=2, hidden_size=64, num_heads=2, intermediate_size=64, qk_init_std=0.1)
+    cfg = ModelConfig(arch="bert", vocab_size=50, num_layers=2, hidden_size=64, num_heads=2, intermediate_size=64, qk_init_std=0.1)
     model = BertForPreTraining(cfg)
     for layer in model.bert.layers:
         assert abs(float(layer.attn.query.weight.detach().std()) - 0.1) < 0.01
@@ -56,7 +56,7 @@ def test_query_and_key_initialisation():
 
 
 def test_sinusoidal_position_table_equals_the_formula():
-    cfg = ModelConfig(vocab_size=50, num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, max_position=40,
+    cfg = ModelConfig(arch="bert", vocab_size=50, num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, max_position=40,
                       position_init="sinusoidal")
     param = BertForPreTraining(cfg).bert.embeddings.position.weight
     table = param.detach()
@@ -68,7 +68,7 @@ def test_sinusoidal_position_table_equals_the_formula():
     expected *= cfg.init_std * math.sqrt(2)  # the same RMS as the normal initialisation
     torch.testing.assert_close(table.double(), expected, rtol=0, atol=1e-7)
     assert param.requires_grad  # still a learned table
-    normal = BertForPreTraining(ModelConfig(vocab_size=50, num_layers=1, hidden_size=32, num_heads=2,
+    normal = BertForPreTraining(ModelConfig(arch="bert", vocab_size=50, num_layers=1, hidden_size=32, num_heads=2,
                                             intermediate_size=64, max_position=40)).bert.embeddings.position.weight
     assert abs(float(normal.detach().std()) - cfg.init_std) < 0.003
 
@@ -99,7 +99,7 @@ def test_document_masking_keeps_each_token_inside_its_document():
     seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
     assert torch.equal(mask[0], seg[:, None] == seg[None, :])
     torch.manual_seed(0)
-    model = BertForPreTraining(ModelConfig(vocab_size=50, num_layers=2, hidden_size=32, num_heads=2,
+    model = BertForPreTraining(ModelConfig(arch="bert", vocab_size=50, num_layers=2, hidden_size=32, num_heads=2,
                                            intermediate_size=64)).eval()
     other = ids.clone()
     other[0, 5:7] = torch.tensor([40, 41])  # change document b only
@@ -122,6 +122,7 @@ def test_evaluations_every_n_training_seconds(tmp_path, corpus_dir):
 def test_a_run_with_every_knob_on_exports_with_equal_logits(tmp_path, corpus_dir):
     transformers = pytest.importorskip("transformers")
     cfg = _tiny_run(tmp_path, corpus_dir, max_steps=8, doc_masking=True, schedule="wsd")
+    cfg.model.switch_arch("bert")  # sinusoidal positions and the query/key init are BERT's knobs
     cfg.model.position_init, cfg.model.mlm_bias_init, cfg.model.qk_init_std = "sinusoidal", "unigram", 0.1
     cfg.mask.mask_prob = 0.3
     res = pretrain(cfg, log=quiet, progress_bar=False)

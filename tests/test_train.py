@@ -59,7 +59,8 @@ def test_run_folder_contents(tmp_path, corpus_dir):
 
 def test_a_bias_free_model_trains_saves_and_loads(tmp_path, corpus_dir):
     cfg = tiny_config(tmp_path, [str(corpus_dir)], max_steps=4)
-    cfg.model.linear_bias = False
+    cfg.model.switch_arch("bert")
+    cfg.model.linear_bias = False  # (ModernBERT has no linear biases anyway)
     res = pretrain(cfg, log=quiet, progress_bar=False)
     saved = json.loads((res.run_dir / "config.json").read_text())
     assert saved["model"]["linear_bias"] is False
@@ -137,7 +138,7 @@ def _step_setup(precision, grad_accum=1):
     from maskedlm.step import TrainStep
 
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=500,
+    cfg = ModelConfig(arch="bert", layer_norm_eps=1e-12, num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=500,
                       hidden_dropout=0.0, attention_dropout=0.0)
     model = BertForPreTraining(cfg)
     spec = MaskSpec(4, 500, (0, 1, 2, 3, 4))

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, ("data",))
 
     p = sub.add_parser("evaluate", help="held-out masked-token loss, accuracy and perplexity of a run")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", help="run folder or checkpoint; or a transformers folder with --valid")
     p.add_argument("--valid", nargs="+", metavar="PATH", help="evaluate on these files instead of the run's held-out split")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -89,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("finetune", help="fine-tune a run's encoder for sequence classification (CSV or JSONL)")
-    p.add_argument("run", help="run folder, or a Hugging Face BERT folder")
+    p.add_argument("run", help="run folder, or a Hugging Face BERT or ModernBERT folder")
     _add_config_flags(p, ("finetune",), {"finetune": FinetuneConfig})
 
     p = sub.add_parser("serve", help="a local web page: fill-mask, live training curves, masked predictions")
-    p.add_argument("run", help="run folder (it may still be training), or a Hugging Face BERT folder")
+    p.add_argument("run", help="run folder (it may still be training), or a Hugging Face BERT or ModernBERT folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
 
     p = sub.add_parser("fill", help="top-k predictions for each [MASK] in a text")
-    p.add_argument("run", help="run folder, or a Hugging Face BERT folder")
+    p.add_argument("run", help="run folder, or a Hugging Face BERT or ModernBERT folder")
     p.add_argument("text", help='text with one or more [MASK], e.g. "to be or not to [MASK]"')
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")

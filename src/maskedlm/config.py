@@ -113,7 +113,14 @@ class BatchRamp:
         return self.spec
 
 
+# ModernBERT's own shapes (Warner et al. 2024): (layers, hidden, heads, GeGLU width).
+MODERNBERT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "modernbert-base": (22, 768, 12, 1152),
+    "modernbert-large": (28, 1024, 16, 2624),
+}
 # Google's BERT miniatures (Turc et al. 2019) plus base and large: (layers, hidden). heads = H/64, FFN = 4H.
+# Under --arch modernbert the same (layers, hidden) get a GeGLU width with BERT's FFN parameter count
+# (3 H I = 8 H^2, rounded to a multiple of 64).
 PRESETS: dict[str, tuple[int, int]] = {
     "tiny": (2, 128),
     "mini": (4, 256),
@@ -124,20 +131,31 @@ PRESETS: dict[str, tuple[int, int]] = {
 }
 
 
+def _ffn_width(arch: str, hidden: int) -> int:
+    """A preset's feed-forward width: BERT's 4H, or a GeGLU width with the parameters of BERT's 4H (3 H I = 8 H^2)."""
+    return round(8 * hidden / 3 / 64) * 64 if arch == "modernbert" else 4 * hidden
+
+
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = _f("mini", flag="--model", resume="ignore", help=f"size preset: {', '.join(PRESETS)} (sets the shape fields below)")
+    arch: Literal["bert", "modernbert"] = _f("modernbert", resume="never", help="the encoder: ModernBERT (pre-LN, rotary positions, GeGLU, no "
+                                                   "biases, local/global attention; exports as ModernBertForMaskedLM; leaves the MLM "
+                                                   "plateau ~10x sooner, BENCHMARKS.md) or BERT (2019; exports as BertForMaskedLM; "
+                                                   "needed for --objective mlm+nsp/mlm+sop)")
+    preset: Optional[str] = _f("mini", flag="--model", resume="ignore", help=f"size preset: {', '.join([*PRESETS, *MODERNBERT_PRESETS])} (sets the shape fields below; "
+                                                                          "the modernbert-* ones also set --arch modernbert)")
     num_layers: int = _f(4, resume="never", help="transformer blocks")
     hidden_size: int = _f(256, resume="never", help="model width H")
     num_heads: int = _f(4, resume="never", help="attention heads (H must divide by it)")
-    intermediate_size: int = _f(1024, resume="never", help="feed-forward width")
-    max_position: int = _f(512, resume="never", help="position embeddings (longest sequence the model accepts)")
+    intermediate_size: int = _f(704, resume="never", help="feed-forward width (ModernBERT: of each GeGLU half)")
+    max_position: Optional[int] = _f(None, resume="never", help="longest sequence the model accepts (BERT: rows of its position table); "
+                                                          "default ModernBERT's 8192, BERT's 512")
     type_vocab_size: int = _f(2, resume="never", help="token-type (segment) embeddings")
     hidden_dropout: float = _f(0.0, resume="fixed", help="dropout on embeddings and block outputs (BERT used 0.1; 0 is faster, as Cramming and ModernBERT pre-train)")
     attention_dropout: float = _f(0.0, resume="fixed", help="dropout on attention probabilities (BERT used 0.1)")
-    linear_bias: bool = _f(True, resume="never", help="biases in the blocks' linear layers (BERT's); --no-linear-bias is 4-8 percent faster on "
-                                      "CPU (as Cramming trains) and exports to transformers as zero biases")
-    layer_norm_eps: float = _f(1e-12, resume="fixed", help="LayerNorm epsilon (BERT's 1e-12)")
+    linear_bias: bool = _f(True, resume="never", help="BERT: biases in the blocks' linear layers; --no-linear-bias is 4-8 percent faster on "
+                                      "CPU (as Cramming trains) and exports to transformers as zero biases (ModernBERT has none either way)")
+    layer_norm_eps: Optional[float] = _f(None, resume="fixed", help="LayerNorm epsilon (default ModernBERT's 1e-5, BERT's 1e-12)")
     init_std: float = _f(0.02, resume="never", help="std of the normal weight initialisation")
     qk_init_std: Optional[float] = _f(None, resume="never", help="std of the initial query and key weights (default: --init-std); "
                                                   "larger values start attention away from uniform averaging")
@@ -145,16 +163,47 @@ class ModelConfig:
                                                         "or sinusoids (Vaswani et al.) of the same RMS; learned either way")
     mlm_bias_init: Literal["zero", "unigram"] = _f("zero", resume="never", help="initial MLM output bias: zero (BERT), or the log unigram "
                                                   "frequencies of the training tokens, so the head starts at the unigram guess")
+    local_attention: int = _f(128, resume="never", help="modernbert: the local layers' sliding window in tokens (a token sees "
+                                                         "those within half of it on either side)")
+    global_every: int = _f(3, resume="never", help="modernbert: every Nth layer, from the first, attends globally; the others locally")
+    global_rope_theta: float = _f(160_000.0, resume="never", help="modernbert: rotary base of the global layers")
+    local_rope_theta: float = _f(10_000.0, resume="never", help="modernbert: rotary base of the local layers")
     vocab_size: int = _f(0, derived=True, resume="ignore", help="set from the tokenizer")
     pad_token_id: int = _f(0, derived=True, resume="ignore", help="set from the tokenizer")
 
+    def __post_init__(self) -> None:
+        self._arch_defaults(keep=True)
+
+    def _arch_defaults(self, keep: bool) -> None:
+        """The settings whose default depends on the architecture (`keep`: only where unset)."""
+        modern = self.arch == "modernbert"
+        if not keep or self.layer_norm_eps is None:
+            self.layer_norm_eps = 1e-5 if modern else 1e-12
+        if not keep or self.max_position is None:
+            self.max_position = 8192 if modern else 512  # rotary has no table; BERT's has 512 rows
+
+    def switch_arch(self, arch: str) -> None:
+        """Another architecture for the same shape: what depends on the architecture follows (norm epsilon,
+        longest sequence, and a preset's feed-forward width); layers, width and heads stay."""
+        if arch == self.arch:
+            return
+        self.arch = arch
+        self._arch_defaults(keep=False)
+        if self.preset in PRESETS:
+            self.intermediate_size = _ffn_width(self.arch, self.hidden_size)
+
     def apply_preset(self, name: str) -> None:
-        if name not in PRESETS:
-            raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        layers, hidden = PRESETS[name]
+        if name in MODERNBERT_PRESETS:
+            self.arch = "modernbert"
+            self.num_layers, self.hidden_size, self.num_heads, self.intermediate_size = MODERNBERT_PRESETS[name]
+        elif name in PRESETS:
+            layers, hidden = PRESETS[name]
+            self.num_layers, self.hidden_size, self.num_heads = layers, hidden, hidden // 64
+            self.intermediate_size = _ffn_width(self.arch, hidden)
+        else:
+            raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join([*PRESETS, *MODERNBERT_PRESETS])}")
         self.preset = name
-        self.num_layers, self.hidden_size = layers, hidden
-        self.num_heads, self.intermediate_size = hidden // 64, 4 * hidden
+        self._arch_defaults(keep=False)
 
 
 @dataclass
@@ -190,6 +239,9 @@ class MaskConfig:
 class TrainConfig:
     objective: Literal["mlm", "mlm+nsp", "mlm+sop"] = _f("mlm", resume="never", help="masked LM alone, or with next-sentence / sentence-order prediction on sentence pairs")
     seq_len_schedule: Optional[SeqLenSchedule] = _f(None, resume="fixed", help="sequence-length curriculum: 'L:fraction,...' (e.g. 64:0.9,128:0.1) or 'ramp:FROM:TO[:STEP]'; ends at --seq-len")
+    short_rope_theta: Optional[float] = _f(None, resume="fixed", help="modernbert under --seq-len-schedule: the global layers' rotary base in "
+                                                          "the phases before the last, which uses --global-rope-theta (ModernBERT's context "
+                                                          "extension: 10000 at 1,024 tokens, then 160000 at 8,192)")
     schedule_keep_tokens: bool = _f(True, resume="fixed", help="under a length schedule, scale the batch so each step has the same number of tokens")
     batch_size: int = _f(32, resume="fixed", help="sequences per optimizer step, over all ranks (split over --grad-accum micro-batches)")
     batch_ramp: Optional[BatchRamp] = _f(None, resume="fixed", help="batch-size warmup 'START:FRACTION': from START sequences to --batch-size, linearly over that fraction of the run")
@@ -210,7 +262,7 @@ class TrainConfig:
     clip_grad: float = _f(1.0, resume="fixed", help="gradient-norm clipping (0 disables)")
     max_steps: Optional[int] = _f(None, resume="free", help="stop after this many optimizer steps")
     time_budget: Optional[float] = _f(None, resume="free", help="stop after this many seconds of training; the LR schedule follows elapsed time")
-    init_from: Optional[str] = _f(None, resume="never", help="start from this model: a Hugging Face BERT folder or a maskedlm run (its tokenizer and shape too)")
+    init_from: Optional[str] = _f(None, resume="never", help="start from this model: a Hugging Face BERT or ModernBERT folder, or a maskedlm run (its tokenizer and shape too)")
     seed: int = _f(0, resume="fixed", help="seed for initialisation, data order and masks")
     device: str = _f("auto", resume="free", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", resume="fixed", help="'auto' uses bf16 autocast where the device has fast bf16")
@@ -300,7 +352,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Any, *, allow_derived: bool = False) -> "Config":
-        """Build a config from nested mappings; presets first, then fields; strict about keys and types."""
+        """Build a config from nested mappings; presets first, then fields; strict about keys and types.
+        `allow_derived`: a config a run saved. One saved before model.arch existed is a BERT's."""
+        if allow_derived and isinstance(d, dict) and isinstance(d.get("model"), dict) and "arch" not in d["model"]:
+            d = {**d, "model": {"arch": "bert", **d["model"]}}
         cfg = cls()
         cfg.update(d, allow_derived=allow_derived)
         return cfg
@@ -326,7 +381,20 @@ class Config:
             (m.qk_init_std is None or m.qk_init_std > 0, "model.qk_init_std must be > 0"),
             (m.type_vocab_size >= 1, "model.type_vocab_size must be >= 1"),
             (m.init_std > 0 and math.isfinite(m.init_std), "model.init_std must be a positive number"),
-            (m.layer_norm_eps > 0, "model.layer_norm_eps must be > 0"),
+            (m.layer_norm_eps is not None and m.layer_norm_eps > 0, "model.layer_norm_eps must be > 0"),
+            (m.max_position is not None and m.max_position >= 8, "model.max_position must be >= 8"),
+            (m.arch in ("bert", "modernbert"), f"model.arch must be 'bert' or 'modernbert', not {m.arch!r}"),
+            (m.local_attention >= 2 and m.local_attention % 2 == 0, "model.local_attention must be an even number >= 2"),
+            (m.global_every >= 1, "model.global_every must be >= 1"),
+            (m.global_rope_theta > 1 and m.local_rope_theta > 1, "model rope thetas must be > 1"),
+            (m.arch == "bert" or (m.hidden_size // m.num_heads) % 2 == 0, "modernbert: the head width (hidden / heads) must be even (rotary pairs)"),
+            (t.short_rope_theta is None or (m.arch == "modernbert" and t.seq_len_schedule is not None and t.short_rope_theta > 1),
+             "train.short_rope_theta needs --arch modernbert and a --seq-len-schedule, and must be > 1"),
+            (m.arch == "bert" or t.objective == "mlm", f"train.objective {t.objective}: ModernBERT has no pooler or "
+                                                       "next-sentence head; add --arch bert for sentence-pair objectives"),
+            (m.arch == "bert" or (m.qk_init_std is None and m.position_init == "normal"),
+             "model.qk_init_std and model.position_init are BERT's (ModernBERT has no position table and inits its "
+             "own way); add --arch bert"),
             (0.0 <= m.hidden_dropout < 1 and 0.0 <= m.attention_dropout < 1, "dropout must be in [0, 1)"),
             (8 <= d.seq_len <= m.max_position,
              f"data.seq_len ({d.seq_len}) must be between 8 and model.max_position ({m.max_position})"),
@@ -362,6 +430,12 @@ class Config:
         if max(length for length, _ in phases) > m.max_position:
             raise UserError(f"train.seq_len_schedule reaches {max(length for length, _ in phases)} tokens, more than "
                             f"model.max_position ({m.max_position})")
+
+    def rope_theta_at(self, phase: int) -> float:
+        """ModernBERT's global rotary base in length phase `phase`: --short-rope-theta before the last phase."""
+        t = self.train
+        last = len(self.seq_len_phases()) - 1
+        return t.short_rope_theta if t.short_rope_theta is not None and phase < last else self.model.global_rope_theta
 
     def seq_len_phases(self) -> list[tuple[int, float]]:
         """The sequence-length schedule as (length, end of phase in [0, 1]) pairs; one phase without one."""
@@ -410,8 +484,15 @@ def _require(checks: list[tuple[bool, str]]) -> None:
 def _update_section(obj: Any, section: str, values: dict, allow_derived: bool, source: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
-    # A preset sets the shape; explicit fields in the same mapping then override it.
-    if "preset" in values and values["preset"] is not None and hasattr(obj, "apply_preset"):
+    # The architecture first (a preset's shape depends on it), then the preset, then explicit fields.
+    if "arch" in values and "arch" in fields:
+        arch = _check_type(values["arch"], str, f"{section}.arch", source)
+        if arch not in ("bert", "modernbert"):
+            raise UserError(f"{source}: {section}.arch must be 'bert' or 'modernbert', not {arch!r}")
+        if str(values.get("preset")) in MODERNBERT_PRESETS and arch != "modernbert":
+            raise UserError(f"{source}: preset {values['preset']!r} is a ModernBERT; it cannot be {section}.arch {arch!r}")
+        obj.switch_arch(arch)
+    if values.get("preset") is not None and hasattr(obj, "apply_preset"):
         obj.apply_preset(_check_type(values["preset"], str, f"{section}.preset", source))
     for key, value in values.items():
         if key not in fields:

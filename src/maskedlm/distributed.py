@@ -129,7 +129,7 @@ def parallelize(model: torch.nn.Module, dist: "Dist | None" = None, *, mode: Lit
     else:
         compute = copy.deepcopy(model).to(amp_dtype) if amp_dtype is not None else model
         if not nsp:
-            for p in [*compute.bert.pooler.parameters(), *compute.nsp.parameters()]:
+            for p in compute.pair_head_parameters():
                 p.requires_grad_(False)
     if compile:
         compute.bert.compile(dynamic=False)

@@ -121,13 +121,17 @@ def make_evaluator(cfg: Config, split: Split, tokenizer: Tokenizer, dist: Dist, 
 
 def evaluate_run(run: str | Path, valid: list[str] | None = None, device: str = "auto",
                  precision: str = "auto", log=print) -> EvalResult:
-    """Evaluate a run folder (or one of its checkpoints) on its own held-out split, or on the given files."""
-    if (kind := folder_kind(run)) not in ("run", "checkpoint"):
-        raise UserError(f"{run}: a {kind} folder; evaluate takes a maskedlm run folder or checkpoint "
-                        f"(it needs the run's data settings)")
+    """Evaluate a run folder (or one of its checkpoints) on its own held-out split, or on the given files; a
+    transformers BERT or ModernBERT folder on the given files (with the default data settings)."""
+    kind = folder_kind(run)
+    if kind not in ("run", "checkpoint") and not (kind == "transformers" and valid):
+        raise UserError(f"{run}: a {kind} folder; evaluate takes a maskedlm run folder or checkpoint (it needs the "
+                        f"run's data settings){', or a transformers folder with --valid FILES' if kind == 'transformers' else ''}")
     dev = resolve_device(device)
     loaded = open_folder(run, dev)
-    cfg, model, tokenizer = loaded.config, loaded.model, loaded.tokenizer
+    model, tokenizer = loaded.model, loaded.tokenizer
+    cfg = loaded.config if loaded.config is not None else Config.from_dict({"model": asdict(model.config)},
+                                                                           allow_derived=True)
     if valid:
         split = prepare_eval(valid, cfg.data, tokenizer, log=log)
     else:

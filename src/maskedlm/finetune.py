@@ -24,6 +24,7 @@ from .errors import UserError
 from .loading import open_folder, save_classifier
 from .paths import CheckpointDir
 from .model import BertForSequenceClassification
+from .modernbert import classifier_from
 from .optim import build_optimizer, clip_gradients, set_lr
 from .progress import Progress
 from .runtime import autocast, resolve_device, resolve_precision
@@ -203,8 +204,7 @@ def finetune(run: str | Path, cfg: FinetuneConfig, log=print) -> FinetuneResult:
         raise UserError(f"{cfg.valid}: label(s) {', '.join(map(repr, unknown[:5]))} never occur in {cfg.train}")
     if cfg.max_len > base.config.max_position:
         raise UserError(f"--max-len {cfg.max_len} exceeds the model's {base.config.max_position} positions")
-    model = BertForSequenceClassification(base.config, len(labels), cfg.dropout)
-    model.bert.load_state_dict(base.bert.state_dict())
+    model = classifier_from(base, len(labels), cfg.dropout)
     train = (encode(tok, train_ex, cfg.max_len), [index[x] for x in train_ex.labels])
     valid = (encode(tok, valid_ex, cfg.max_len), [index[x] for x in valid_ex.labels])
     log(f"fine-tuning on {len(train[1])} examples ({len(labels)} classes), validating on {len(valid[1])}")

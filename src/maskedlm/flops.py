@@ -5,6 +5,9 @@ FLOPs of one training step (forward + backward = 3x forward; a multiply-add coun
     3 * [ B*T * L * (8*H^2 + 4*H*I + 4*T*H)      per token: Q, K, V, output projections; FFN; scores and AV
           + N_pred * (2*H^2 + 2*H*V) ]            the MLM head on the predicted positions only
 
+ModernBERT: the GeGLU feed-forward is 6*H*I (its input projection is 2I wide), and a local layer's scores
+and AV count the keys in its window, min(T, local_attention + 1), not T.
+
 This is "6 x parameters x tokens" for the encoder's matrices, plus attention, plus the masked-only head:
 the useful work of a step. Embedding lookups, norms and activations are not counted. The same formula is
 used for every system compared, so MFU ratios equal throughput ratios.
@@ -24,7 +27,11 @@ from .config import ModelConfig
 def train_flops(cfg: ModelConfig, batch: int, seq_len: int, predicted: float) -> float:
     """FLOPs of one optimizer step over `batch` sequences of `seq_len` with `predicted` MLM positions."""
     H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
-    per_token = L * (8 * H * H + 4 * H * I + 4 * seq_len * H)
+    if cfg.arch == "modernbert":
+        keys = sum(seq_len if i % cfg.global_every == 0 else min(seq_len, cfg.local_attention + 1) for i in range(L))
+        per_token = L * (8 * H * H + 6 * H * I) + 4 * keys * H
+    else:
+        per_token = L * (8 * H * H + 4 * H * I + 4 * seq_len * H)
     head = predicted * (2 * H * H + 2 * H * V)
     return 3.0 * (batch * seq_len * per_token + head)
 

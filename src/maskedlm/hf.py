@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .config import Config, ModelConfig
 from .errors import UserError
 from .model import BertForPreTraining
+from .modernbert import ModernBertForPreTraining
 from .paths import CONFIG, WEIGHTS, atomic_path, atomic_write
 from .tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
@@ -74,6 +75,31 @@ def key_map(num_layers: int) -> dict[str, str]:
     return out
 
 
+_MODERNBERT = {  # ours -> transformers' ModernBertForMaskedLM, outside the blocks
+    "bert.embeddings.word.weight": "model.embeddings.tok_embeddings.weight",
+    "bert.embeddings.norm.weight": "model.embeddings.norm.weight",
+    "bert.final_norm.weight": "model.final_norm.weight",
+}
+_MODERNBERT_LAYER = {  # ours (under bert.layers.{i}.) -> theirs (under model.layers.{i}.); weights only
+    "attn_norm": "attn_norm", "qkv": "attn.Wqkv", "out": "attn.Wo",
+    "mlp_norm": "mlp_norm", "mlp_in": "mlp.Wi", "mlp_out": "mlp.Wo",
+}
+_MODERNBERT_HEAD = {"mlm.dense.weight": "head.dense.weight", "mlm.norm.weight": "head.norm.weight",
+                    "mlm.bias": "decoder.bias"}
+
+
+def modernbert_key_map(num_layers: int) -> dict[str, str]:
+    """Our ModernBERT state-dict key -> transformers `ModernBertForMaskedLM`'s (its decoder.weight is tied to
+    the token embeddings and not stored). The first block has no attn_norm (the embeddings' norm serves)."""
+    out = dict(_MODERNBERT)
+    for i in range(num_layers):
+        for ours, theirs in _MODERNBERT_LAYER.items():
+            if i > 0 or ours != "attn_norm":
+                out[f"bert.layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    out.update(_MODERNBERT_HEAD)
+    return out
+
+
 # -- export -----------------------------------------------------------------------------------------------
 
 
@@ -113,13 +139,58 @@ def hf_config(cfg: ModelConfig, architecture: str) -> dict:
     }
 
 
+def modernbert_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, global_theta: float | None = None) -> dict:
+    """transformers' ModernBertConfig for our shape. Both spellings of the attention pattern and the rotary
+    bases are written: `layer_types` / `rope_parameters` (transformers 5) and `global_attn_every_n_layers` /
+    `*_rope_theta` (transformers 4.48+). `global_theta`: the base the weights were last trained with, when a
+    length schedule's short phases used another (default: the config's)."""
+    sp = tokenizer.special
+    global_theta = cfg.global_rope_theta if global_theta is None else global_theta
+    return {
+        "architectures": ["ModernBertForMaskedLM"],
+        "model_type": "modernbert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "hidden_activation": "gelu",
+        "max_position_embeddings": cfg.max_position,
+        "initializer_range": cfg.init_std,
+        "initializer_cutoff_factor": 2.0,
+        "norm_eps": cfg.layer_norm_eps,
+        "norm_bias": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "decoder_bias": True,
+        "attention_dropout": cfg.attention_dropout,
+        "embedding_dropout": cfg.hidden_dropout,
+        "mlp_dropout": cfg.hidden_dropout,
+        "local_attention": cfg.local_attention,
+        "global_attn_every_n_layers": cfg.global_every,
+        "layer_types": ["full_attention" if i % cfg.global_every == 0 else "sliding_attention" for i in range(cfg.num_layers)],
+        "global_rope_theta": global_theta,
+        "local_rope_theta": cfg.local_rope_theta,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": global_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
+        "pad_token_id": sp.pad, "cls_token_id": sp.cls, "sep_token_id": sp.sep, "bos_token_id": sp.cls,
+        "eos_token_id": sp.sep,
+        "classifier_pooling": "cls",
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
 def export_model(model: BertForPreTraining, tokenizer: Tokenizer, out: str | Path, *, nsp: bool = False,
                  lowercase: bool | None = None) -> Path:
     """Write a `transformers` folder: config.json, model.safetensors and tokenizer files.
 
-    With `nsp`, the architecture is `BertForPreTraining` (pooler and NSP head included); otherwise
-    `BertForMaskedLM` (what the run trained).
+    BERT: with `nsp`, the architecture is `BertForPreTraining` (pooler and NSP head included); otherwise
+    `BertForMaskedLM` (what the run trained). ModernBERT: `ModernBertForMaskedLM`.
     """
+    if model.config.arch == "modernbert":
+        return _write_folder(out, hf_state(model, modernbert_key_map(model.config.num_layers)),
+                             modernbert_hf_config(model.config, tokenizer, model.bert.global_theta), tokenizer, lowercase)
     skip = set() if nsp else set(_POOLER) | set(_NSP_HEAD)
     names = {k: v for k, v in key_map(model.config.num_layers).items() if k not in skip}
     architecture = "BertForPreTraining" if nsp else "BertForMaskedLM"
@@ -134,13 +205,21 @@ def export_trained(model: BertForPreTraining, tokenizer: Tokenizer, cfg: Config,
 
 def export_classifier(model, tokenizer: Tokenizer, labels: list[str], out: str | Path, *,
                       lowercase: bool | None = None) -> Path:
-    """Write a fine-tuned classifier as a transformers `BertForSequenceClassification` folder."""
+    """Write a fine-tuned classifier as a transformers `BertForSequenceClassification` (or
+    `ModernBertForSequenceClassification`) folder."""
     cfg = model.config
+    labels_cfg = dict(id2label={str(i): label for i, label in enumerate(labels)},
+                      label2id={label: i for i, label in enumerate(labels)},
+                      classifier_dropout=model.dropout.p, problem_type="single_label_classification")
+    if cfg.arch == "modernbert":
+        names = {k: v for k, v in modernbert_key_map(cfg.num_layers).items() if not k.startswith("mlm.")}
+        names.update({"head.dense.weight": "head.dense.weight", "head.norm.weight": "head.norm.weight",
+                      "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"})
+        config = {**modernbert_hf_config(cfg, tokenizer), **labels_cfg,
+                  "architectures": ["ModernBertForSequenceClassification"]}
+        return _write_folder(out, hf_state(model, names), config, tokenizer, lowercase)
     names = {**key_map(cfg.num_layers), "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
-    config = hf_config(cfg, "BertForSequenceClassification")
-    config.update(id2label={str(i): label for i, label in enumerate(labels)},
-                  label2id={label: i for i, label in enumerate(labels)},
-                  classifier_dropout=model.dropout.p, problem_type="single_label_classification")
+    config = {**hf_config(cfg, "BertForSequenceClassification"), **labels_cfg}
     return _write_folder(out, hf_state(model, names), config, tokenizer, lowercase)
 
 
@@ -202,14 +281,19 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
-    """Our ModelConfig from a transformers config.json; refuses what is not a BERT we can run."""
+    """Our ModelConfig from a transformers config.json; refuses what is not a BERT or ModernBERT we can run."""
     path = folder / CONFIG
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read a transformers config ({e})") from None
+    if not isinstance(c, dict):
+        raise UserError(f"{path}: a transformers config must be a JSON object")
+    if c.get("model_type") == "modernbert":
+        return _read_modernbert_config(c, path)
     if c.get("model_type") != "bert":
-        raise UserError(f"{path}: model_type is {c.get('model_type')!r}; only BERT checkpoints (model_type 'bert') can be imported")
+        raise UserError(f"{path}: model_type is {c.get('model_type')!r}; only BERT and ModernBERT checkpoints "
+                        "(model_type 'bert' or 'modernbert') can be imported")
     problems = []
     if c.get("hidden_act", "gelu") != "gelu":
         problems.append(f"hidden_act {c.get('hidden_act')!r} (only exact 'gelu')")
@@ -226,11 +310,60 @@ def read_hf_config(folder: Path) -> ModelConfig:
     if problems:
         raise UserError(f"{path}: unsupported BERT variant: {'; '.join(problems)}")
     return ModelConfig(
-        preset=None, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+        arch="bert", preset=None, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
         num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
         max_position=c.get("max_position_embeddings", 512), type_vocab_size=c.get("type_vocab_size", 2),
         hidden_dropout=c.get("hidden_dropout_prob", 0.1), attention_dropout=c.get("attention_probs_dropout_prob", 0.1),
         layer_norm_eps=c.get("layer_norm_eps", 1e-12), init_std=c.get("initializer_range", 0.02),
+        vocab_size=c["vocab_size"], pad_token_id=c.get("pad_token_id") or 0)
+
+
+def _read_modernbert_config(c: dict, path: Path) -> ModelConfig:
+    problems = []
+    for key in ("attention_bias", "mlp_bias", "norm_bias"):
+        if c.get(key):
+            problems.append(f"{key} true (ModernBERT's linears and norms have no biases)")
+    if c.get("decoder_bias") is False:
+        problems.append("decoder_bias false")
+    if c.get("hidden_activation", "gelu") != "gelu" or c.get("classifier_activation", "gelu") != "gelu":
+        problems.append("an activation other than exact 'gelu'")
+    if c.get("tie_word_embeddings") is False:
+        problems.append("untied word embeddings and decoder")
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+    missing = [k for k in required if not isinstance(c.get(k), int)]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    layers = c.get("num_hidden_layers") if isinstance(c.get("num_hidden_layers"), int) else 0
+    every = c.get("global_attn_every_n_layers", 3)
+    if not isinstance(every, int) or every < 1:
+        problems.append(f"global_attn_every_n_layers {every!r} (a positive integer)")
+        every = 3
+    types = c.get("layer_types")
+    if isinstance(types, list):  # transformers 5 writes the pattern out; we run "global at every Nth from 0"
+        fits = [n for n in range(1, layers + 1)
+                if types == ["full_attention" if i % n == 0 else "sliding_attention" for i in range(layers)]]
+        if not fits:
+            problems.append(f"layer_types {types!r} is not 'global every Nth layer from the first'")
+        every = fits[0] if fits else every
+    rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
+    kinds = [r.get("rope_type", "default") for r in rope.values() if isinstance(r, dict)]
+    if any(k != "default" for k in kinds):
+        problems.append(f"rope_type {kinds!r} (only 'default' rotary embeddings)")
+    if problems:
+        raise UserError(f"{path}: unsupported ModernBERT variant: {'; '.join(problems)}")
+
+    def theta(kind: str, old_key: str, default: float) -> float:
+        r = rope.get(kind)
+        return float(r["rope_theta"]) if isinstance(r, dict) and "rope_theta" in r else float(c.get(old_key, default))
+
+    return ModelConfig(
+        arch="modernbert", preset=None, num_layers=layers, hidden_size=c["hidden_size"],
+        num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
+        max_position=c.get("max_position_embeddings", 8192), hidden_dropout=c.get("mlp_dropout", 0.0),
+        attention_dropout=c.get("attention_dropout", 0.0), layer_norm_eps=c.get("norm_eps", 1e-5),
+        init_std=c.get("initializer_range", 0.02), local_attention=c.get("local_attention", 128),
+        global_every=every, global_rope_theta=theta("full_attention", "global_rope_theta", 160_000.0),
+        local_rope_theta=theta("sliding_attention", "local_rope_theta", 10_000.0),
         vocab_size=c["vocab_size"], pad_token_id=c.get("pad_token_id") or 0)
 
 
@@ -285,12 +418,15 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_hf(folder: str | Path) -> tuple[BertForPreTraining, Tokenizer, ImportReport]:
-    """A transformers BERT folder as our model (eval mode, CPU), its tokenizer and what was initialised fresh."""
+    """A transformers BERT or ModernBERT folder as our model (eval mode, CPU), its tokenizer and what was
+    initialised fresh."""
     folder = Path(folder)
     cfg = read_hf_config(folder)
     tokenizer = Tokenizer.from_file(folder)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size} embeddings")
+    if cfg.arch == "modernbert":
+        return _load_modernbert(folder, cfg, tokenizer)
     state = _normalise_keys(_read_hf_weights(folder))
     torch.manual_seed(0)  # heads that the checkpoint lacks get a reproducible initialisation
     model = BertForPreTraining(cfg)
@@ -324,4 +460,34 @@ def load_hf(folder: str | Path) -> tuple[BertForPreTraining, Tokenizer, ImportRe
         for k, v in loaded.items():
             ours[k].copy_(v)
     report.ignored = sorted(set(state) - set(names.values()) - set(_TIED) - {"bert.embeddings.position_ids"})
+    return model.eval(), tokenizer, report
+
+
+def _load_modernbert(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer):
+    state = {}
+    for k, v in _read_hf_weights(folder).items():  # a ModernBertModel's keys lack the "model." prefix
+        state["model." + k if k.startswith(("embeddings.", "layers.", "final_norm.")) else k] = v
+    torch.manual_seed(0)  # a head that the checkpoint lacks gets a reproducible initialisation
+    model = ModernBertForPreTraining(cfg)
+    names, ours = modernbert_key_map(cfg.num_layers), model.state_dict()
+    body = [t for k, t in names.items() if k.startswith("bert.")]
+    missing = [t for t in body if t not in state]
+    if missing:
+        raise UserError(f"{folder}: not a complete ModernBERT encoder: missing {', '.join(missing[:3])}"
+                        f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+    wrong = [(t, tuple(state[t].shape), tuple(ours[k].shape)) for k, t in names.items()
+             if t in state and tuple(state[t].shape) != tuple(ours[k].shape)]
+    if wrong:
+        theirs, got, want = wrong[0]
+        raise UserError(f"{folder}: {theirs} has shape {got}, config.json implies {want}")
+    decoder = state.get("decoder.weight")
+    if decoder is not None and not torch.equal(decoder, state["model.embeddings.tok_embeddings.weight"]):
+        raise UserError(f"{folder}: the MLM decoder is not tied to the token embeddings; maskedlm needs tied weights")
+    head = all(t in state for t in _MODERNBERT_HEAD.values())
+    report = ImportReport("ModernBertForMaskedLM" if head else "ModernBertModel", [] if head else ["MLM head"])
+    with torch.no_grad():
+        for k, t in names.items():
+            if t in state and (head or k not in _MODERNBERT_HEAD):
+                ours[k].copy_(state[t].to(torch.float32))
+    report.ignored = sorted(set(state) - set(names.values()) - {"decoder.weight"})
     return model.eval(), tokenizer, report

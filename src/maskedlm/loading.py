@@ -26,6 +26,7 @@ from .config import Config, FinetuneConfig, ModelConfig
 from .errors import UserError
 from .hf import ImportReport, export_classifier, export_trained, is_hf_folder, load_hf
 from .model import BertForPreTraining, BertForSequenceClassification
+from .modernbert import build_classifier, build_model
 from .paths import CONFIG, TOKENIZER, WEIGHTS, CheckpointDir, RunDir, atomic_write
 from .tokenizer import Tokenizer
 
@@ -93,26 +94,37 @@ def _load_run(run: RunDir, ckpt: CheckpointDir | None) -> Loaded:
             raise UserError(f"{run.tokenizer}: not the tokenizer {ckpt.path} was trained with (hash "
                             f"{tokenizer.hash[:12]}, the checkpoint's {state.tokenizer_hash[:12]})")
         cfg = state.config
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded embedding table (ModernBERT's)
         raise UserError(f"{run.path}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
-    model = BertForPreTraining(cfg.model)
+    model = build_model(cfg.model)
     load_weights(model, run.weights if ckpt is None else ckpt / ckpt.WEIGHTS)
+    if cfg.train.short_rope_theta is not None:  # the rotary base these weights were trained with last
+        model.set_global_theta(cfg.rope_theta_at(_phase(run) if ckpt is None else state.train_state.phase))
     if ckpt is None:
         return Loaded(model, tokenizer, "run", WEIGHTS, config=cfg)
     return Loaded(model, tokenizer, "checkpoint", f"checkpoint {ckpt.name}", config=cfg)
 
 
+def _phase(run: RunDir) -> int:
+    """The length phase a run's final weights come from (eval.json's train state; the last phase without one)."""
+    try:
+        return int(json.loads(run.eval.read_text(encoding="utf-8"))["train_state"]["phase"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1 << 30
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPreTraining, Tokenizer]:
     """`model, tokenizer = maskedlm.load(PATH)`: a maskedlm run folder, one of its checkpoints, a Hugging Face
-    BERT folder (BertModel / BertForMaskedLM / BertForPreTraining weights and its tokenizer), or a fine-tuned
-    classifier folder (then the model is a BertForSequenceClassification). Eval mode."""
+    BERT or ModernBERT folder (BertModel / BertForMaskedLM / BertForPreTraining / ModernBertModel /
+    ModernBertForMaskedLM weights and its tokenizer), or a fine-tuned classifier folder (then the model is a
+    BertForSequenceClassification or ModernBertForSequenceClassification). Eval mode."""
     loaded = open_folder(path, device)
     return loaded.model, loaded.tokenizer
 
 
 def load_for_init(path: str | Path) -> tuple[BertForPreTraining, Tokenizer, str]:
     """The model and tokenizer to continue pre-training (or fine-tune) from, and a line saying what was
-    loaded: a run folder, a checkpoint, or a transformers BERT folder."""
+    loaded: a run folder, a checkpoint, or a transformers BERT or ModernBERT folder."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"--init-from: no such folder: {path}")
@@ -150,11 +162,11 @@ def load_classifier(folder: str | Path) -> tuple[BertForSequenceClassification, 
     folder = Path(folder)
     raw = read_json(folder / CONFIG, "a classifier's config")
     try:
-        model_cfg = ModelConfig(**raw["model"])
+        model_cfg = ModelConfig(**{"arch": "bert", **raw["model"]})  # folders from before model.arch: BERT
         dropout, labels = raw["finetune"]["dropout"], raw["labels"]
     except (KeyError, TypeError) as e:
         raise UserError(f"{folder / CONFIG}: not a maskedlm classifier config ({e})") from None
-    model = BertForSequenceClassification(model_cfg, len(labels), dropout)
+    model = build_classifier(model_cfg, len(labels), dropout)
     load_weights(model, folder / WEIGHTS)
     return model.eval(), Tokenizer.from_file(folder / TOKENIZER), labels
 

@@ -29,7 +29,7 @@ from .masking import IGNORE_INDEX
 
 # Longest sequence for which CPU bf16 attention uses explicit matmuls instead of SDPA (see _matmul_attention).
 MATMUL_ATTENTION_MAX_LEN = 256
-# The MLM head's row count is padded to a multiple of this (see BertForPreTraining.mlm_loss).
+# The MLM head's row count is padded to a multiple of this (see sparse_mlm_loss).
 PREDICTION_BUCKET = 64
 
 
@@ -236,6 +236,26 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), bias, targets, chunk)
 
 
+def sparse_mlm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                    decoder_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed MLM cross-entropy over the positions where labels != -100, and how many the argmax got right.
+
+    hidden: (B, T, H); labels: (B, T); head: has `transform` ((..., H) -> (..., H)) and a `bias` (V,);
+    decoder_weight: (V, H), the word embeddings. Sparse prediction: gather the predicted positions and run the
+    head on those rows only, with the decoder fused into the loss so the (N, V) logits are never stored (see
+    linear_cross_entropy). N is rounded up to a multiple of PREDICTION_BUCKET with ignored rows: the head's
+    matrix products then take one of a few shapes per run, and oneDNN / cuBLAS reuse their kernels (a new
+    shape every step costs oneDNN a kernel compilation, ~10 ms on CPU). Shared by BERT and ModernBERT.
+    """
+    flat = labels.reshape(-1)  # (B*T,)
+    idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+    pad = -idx.numel() % PREDICTION_BUCKET
+    targets = F.pad(flat[idx], (0, pad), value=IGNORE_INDEX)  # (N + pad,)
+    idx = F.pad(idx, (0, pad))  # padded rows read position 0; their targets are ignored
+    h = head.transform(hidden.reshape(-1, hidden.shape[-1])[idx])  # (N + pad, H)
+    return linear_cross_entropy(h, decoder_weight, head.bias, targets)
+
+
 @dataclass
 class Output:
     """What `BertForPreTraining.forward` returns.
@@ -262,6 +282,8 @@ class Output:
 class BertForPreTraining(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.arch != "bert":
+            raise ValueError(f"BertForPreTraining needs a ModelConfig with arch='bert', not {cfg.arch!r} (see modernbert.build_model)")
         self.config = cfg
         self.bert = Encoder(cfg)
         self.mlm = MLMHead(cfg)
@@ -309,21 +331,11 @@ class BertForPreTraining(nn.Module):
         return Output(hidden, None, loss_sum, (labels != IGNORE_INDEX).sum(), correct, nsp_logits)
 
     def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed MLM cross-entropy over the positions where labels != -100, and how many the argmax got right.
+        return sparse_mlm_loss(hidden, labels, self.mlm, self.bert.embeddings.word.weight)
 
-        Sparse prediction: gather the predicted positions and run the head on those rows only, with the
-        decoder fused into the loss so the (N, V) logits are never stored (see linear_cross_entropy).
-        N is rounded up to a multiple of PREDICTION_BUCKET with ignored rows: the head's matrix products
-        then take one of a few shapes per run, and oneDNN / cuBLAS reuse their kernels (a new shape every
-        step costs oneDNN a kernel compilation, ~10 ms on CPU).
-        """
-        flat = labels.reshape(-1)  # (B*T,)
-        idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
-        pad = -idx.numel() % PREDICTION_BUCKET
-        targets = F.pad(flat[idx], (0, pad), value=IGNORE_INDEX)  # (N + pad,)
-        idx = F.pad(idx, (0, pad))  # padded rows read position 0; their targets are ignored
-        h = self.mlm.transform(hidden.reshape(-1, hidden.shape[-1])[idx])  # (N + pad, H)
-        return linear_cross_entropy(h, self.bert.embeddings.word.weight, self.mlm.bias, targets)
+    def pair_head_parameters(self) -> list[nn.Parameter]:
+        """The pooler and NSP head: trained only with a sentence-pair objective."""
+        return [*self.bert.pooler.parameters(), *self.nsp.parameters()]
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -339,6 +351,8 @@ class BertForSequenceClassification(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_labels: int, dropout: float = 0.1):
         super().__init__()
+        if cfg.arch != "bert":
+            raise ValueError(f"BertForSequenceClassification needs arch='bert', not {cfg.arch!r} (see modernbert.build_classifier)")
         self.config, self.num_labels = cfg, num_labels
         self.bert = Encoder(cfg)
         self.dropout = nn.Dropout(dropout)

@@ -24,7 +24,8 @@ import torch
 from .config import FinetuneConfig
 from .corpus import clean_play, shakespeare_plays
 from .finetune import classification_metrics, predict, train_classifier
-from .model import BertForPreTraining, BertForSequenceClassification
+from .model import BertForPreTraining
+from .modernbert import build_model, classifier_from
 from .runtime import autocast, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -114,15 +115,14 @@ def genre_probe(model: BertForPreTraining, tok: Tokenizer, device: torch.device,
     out = {"genres": genres, "test_plays": [n for _, n, _ in test_plays], "train_passages": len(train[1]),
            "test_passages": len(test[1]), "majority_class_accuracy": float(counts.max() / counts.sum())}
     torch.manual_seed(seed)
-    random_model = BertForPreTraining(model.config)
+    random_model = build_model(model.config)
     for name, m in (("pretrained", model), ("random_init", random_model)):
         m = m.to(device)
         acc, f1 = linear_probe(pooled_features(m, train[0], pad, device, amp), train[1],
                                pooled_features(m, test[0], pad, device, amp), test[1], len(genres))
         entry = {"linear": {"accuracy": acc, "macro_f1": f1}}
         if finetune_epochs:
-            clf = BertForSequenceClassification(m.config, len(genres))
-            clf.bert.load_state_dict(m.bert.state_dict())
+            clf = classifier_from(m, len(genres))
             # Early stopping on a fifth of the training passages (never on the test plays).
             rng = np.random.default_rng(seed)
             order = rng.permutation(len(train[1]))

@@ -25,6 +25,7 @@ from .feed import DataFeed
 from .loading import load_for_init
 from .masking import MaskSpec
 from .model import BertForPreTraining
+from .modernbert import build_model
 from .optim import apply_hyperparameters, make_optimizer
 from .paths import RunDir, RunLock, new_run_dir
 from .runtime import resolve_precision
@@ -56,13 +57,22 @@ class Run:
         """The fp32 master model (sharded under FSDP)."""
         return self.parallel.model
 
+    def set_phase(self, phase: int) -> None:
+        """What the model computes in a length phase: ModernBERT's global rotary base (the short phases'
+        --short-rope-theta, the last phase's --global-rope-theta), on the master model and its compute copy."""
+        if self.cfg.train.short_rope_theta is None:
+            return
+        theta = self.cfg.rope_theta_at(phase)
+        for m in {id(self.parallel.model): self.parallel.model, id(self.parallel.compute): self.parallel.compute}.values():
+            m.set_global_theta(theta)
+
     def evaluate(self) -> EvalResult:
         return self.evaluator(self.model, self.device, self.amp_dtype)
 
     def describe(self) -> str:
         m, t, d = self.cfg.model, self.cfg.train, self.dist
         stop = " or ".join(([f"{t.max_steps} steps"] if t.max_steps else []) + ([f"{t.time_budget:g}s"] if t.time_budget else []))
-        return (f"model: {m.preset or 'custom'} ({m.num_layers}L/{m.hidden_size}H, "
+        return (f"model: {'ModernBERT' if m.arch == 'modernbert' else 'BERT'} {m.preset or 'custom'} ({m.num_layers}L/{m.hidden_size}H, "
                 f"{self.model.num_parameters() / 1e6:.1f}M parameters), vocab {m.vocab_size}, "
                 f"seq {self.cfg.data.seq_len}, batch {t.batch_size}, on {self.device}"
                 f"{f' x {d.world} ranks' if d.active else ''} ({'bf16 mixed precision' if self.amp_dtype else 'fp32'}); "
@@ -104,7 +114,7 @@ def _build(cfg: Config, start: "_Start", device: torch.device, dist: Dist, amp_d
     evaluator = make_evaluator(cfg, data.valid, tok, Dist() if fsdp else dist, log)  # FSDP: every rank, every forward
 
     torch.manual_seed(t.seed)
-    model = BertForPreTraining(cfg.model)
+    model = build_model(cfg.model)
     if start.model is not None:
         model.load_state_dict(start.model.state_dict())
     elif cfg.model.mlm_bias_init == "unigram" and start.checkpoint is None:
@@ -191,6 +201,11 @@ def _fresh(cfg: Config, dist: Dist, log) -> _Start:
     dropout = cfg.model.hidden_dropout, cfg.model.attention_dropout
     cfg.model = dataclasses.replace(model.config, preset=None)
     cfg.model.hidden_dropout, cfg.model.attention_dropout = dropout
+    try:
+        cfg.validate()  # again: the architecture is the loaded model's now (e.g. no NSP head on a ModernBERT)
+    except BaseException:
+        lock.release()
+        raise
     log(f"{cfg.train.init_from}: {note}")
     return _Start(run, lock, model=model, tokenizer=tok)
 

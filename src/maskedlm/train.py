@@ -65,7 +65,11 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
     t, state, d = run.cfg.train, run.state, run.dist
     run.log(run.describe())
     if t.compile:
-        secs = sum(run.step.compile_now(run.feed.phase_batch(n), n) for n, _ in run.feed.phases)
+        secs = 0.0
+        for i, (n, _) in enumerate(run.feed.phases):  # each phase as it will run (its rotary base too)
+            run.set_phase(i)
+            secs += run.step.compile_now(run.feed.phase_batch(n), n)
+        run.set_phase(state.phase)
         run.log(f"compiled the encoder in {secs:.1f}s (not counted as training time)")
     peak = matmul_peak(run.device.type, run.amp_dtype or torch.float32) * d.world  # for MFU (flops.py)
     metrics, window = MetricsLog(run.dir, d.is_main, t.tensorboard, from_step=state.step), Window(run.cfg.model)
@@ -77,6 +81,7 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
                 t0 = time.perf_counter()
                 lr = train_lr(state, t)
                 batch, position = run.feed.next(state, run.log)
+                run.set_phase(state.phase)
                 t_data = time.perf_counter() - t0
                 stats = run.step(batch.to(run.device, non_blocking=True), lr)
                 B, T = batch.input_ids.shape

@@ -1,0 +1,265 @@
+"""The ModernBERT encoder with its MLM head, in one file, read top to bottom.
+
+Shapes: B batch, T sequence length, H hidden size, nh heads, hd = H / nh, I GeGLU width, V vocabulary.
+
+The architecture is ModernBERT's (Warner et al. 2024): token embeddings and a LayerNorm (no position table);
+pre-LN blocks (the first block reuses the embeddings' norm) with one fused query/key/value projection,
+rotary positions on queries and keys, and a GeGLU feed-forward; every `global_every`-th block (from the
+first) attends over the whole sequence, the others within a sliding window of `local_attention` tokens;
+a final LayerNorm; the MLM head (dense -> GELU -> LayerNorm -> decoder tied to the embeddings, plus a bias).
+No linear or LayerNorm has a bias except the decoder's. Every parameter corresponds to exactly one of
+`transformers`' `ModernBertForMaskedLM` (the map is in `hf.py`), so a trained model loads there with no custom
+code, and a downloaded ModernBERT loads here.
+
+The module and attribute names mirror `model.py` (`bert.embeddings.word`, `bert.layers`, `mlm.transform`),
+so the training step, the sparse fused MLM loss, FSDP, fill-mask and evaluation treat both encoders alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .model import (MATMUL_ATTENTION_MAX_LEN, BertForPreTraining, BertForSequenceClassification, Output,
+                    _matmul_attention, sparse_mlm_loss)
+from .masking import IGNORE_INDEX
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, bias=False)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.norm(self.word(input_ids)))  # (B, T, H); positions enter as rotations
+
+
+def rotary(T: int, hd: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (T, hd) fp32: position t turns feature pair (i, i + hd/2) by t / theta^(2i/hd)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)  # (hd/2,)
+    angle = torch.arange(T, dtype=torch.float32, device=device)[:, None] * inv_freq  # (T, hd/2)
+    angle = torch.cat((angle, angle), dim=-1)  # (T, hd)
+    return angle.cos(), angle.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the rotation to (B, nh, T, hd) in fp32 and return x's dtype (transformers does the same in fp32;
+    in bf16 it first rounds cos and sin to bf16, a difference below bf16's own rounding)."""
+    xf = x.float()
+    half = torch.cat((-xf[..., xf.shape[-1] // 2:], xf[..., : xf.shape[-1] // 2]), dim=-1)
+    return (xf * cos + half * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    """A pre-LN block: x + attention(norm(x)), then x + GeGLU(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.num_heads = cfg.num_heads
+        self.is_global = index % cfg.global_every == 0
+        # The first block's input is the embeddings' LayerNorm output already (ModernBERT's layout).
+        self.attn_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps, bias=False) if index > 0 else nn.Identity()
+        self.qkv = nn.Linear(H, 3 * H, bias=False)  # rows: all heads' queries, then keys, then values
+        self.out = nn.Linear(H, H, bias=False)
+        self.mlp_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps, bias=False)
+        self.mlp_in = nn.Linear(H, 2 * I, bias=False)  # rows: the GELU input, then the gate
+        self.mlp_out = nn.Linear(I, H, bias=False)
+        self.attention_dropout, self.dropout = cfg.attention_dropout, nn.Dropout(cfg.hidden_dropout)
+
+    def attention(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        p = self.attention_dropout if self.training else 0.0
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= MATMUL_ATTENTION_MAX_LEN:
+            y = _matmul_attention(q, k, v, mask, p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return F.dropout(self.out(y.transpose(1, 2).reshape(B, T, H)), p, self.training)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), mask, cos, sin)
+        a, gate = self.mlp_in(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, I) each
+        return x + self.mlp_out(self.dropout(F.gelu(a) * gate))
+
+
+class Encoder(nn.Module):
+    """Embeddings, blocks and the final norm: transformers' `ModernBertModel`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, bias=False)
+        # The global layers' rotary base: the config's, or a schedule's during short phases (set_global_theta).
+        self.global_theta = cfg.global_rope_theta
+
+    def masks(self, attention_mask: torch.Tensor | None, T: int, device: torch.device):
+        """(global, local) boolean masks, True where a query may attend a key, or None for "everything".
+
+        attention_mask: None, (B, T) with 1 for tokens and 0 for padding, or (B, T, T) per query (document
+        masking of packed sequences). Local layers also require |query - key| <= local_attention / 2."""
+        if attention_mask is None:
+            full = None
+        elif attention_mask.dim() == 2:
+            full = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        else:
+            full = attention_mask.bool()[:, None]  # (B, 1, T, T)
+        half = self.config.local_attention // 2
+        if T - 1 <= half:  # the window covers the whole sequence: local layers are global ones
+            return full, full
+        pos = torch.arange(T, device=device)
+        band = (pos[:, None] - pos[None, :]).abs() <= half  # (T, T)
+        if full is None:
+            return None, band
+        # A padding query whose window holds only padding would have no key at all (a softmax over nothing:
+        # NaN, which the zero attention weights of later layers do not stop). Each query may always see
+        # itself; a real token's result is unchanged (it never sees padding).
+        return full, (full & band) | torch.eye(T, dtype=torch.bool, device=device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T); attention_mask as in `masks`; token_type_ids are ignored: ModernBERT has no
+        segment embeddings (a sentence pair is told apart by its [SEP] alone). Returns (B, T, H)."""
+        cfg, T = self.config, input_ids.shape[1]
+        hd = cfg.hidden_size // cfg.num_heads
+        full, local = self.masks(attention_mask, T, input_ids.device)
+        rot = {True: rotary(T, hd, self.global_theta, input_ids.device),
+               False: rotary(T, hd, cfg.local_rope_theta, input_ids.device)}
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, full if layer.is_global else local, *rot[layer.is_global])
+        return self.final_norm(x)
+
+
+class Head(nn.Module):
+    """dense -> GELU -> LayerNorm (transformers' ModernBertPredictionHead), before the decoder or a classifier."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, bias=False)
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(h)))
+
+
+class MLMHead(Head):
+    """Head -> decoder. The decoder weight is the word embedding matrix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(h), decoder_weight, self.bias)
+
+
+class ModernBertForPreTraining(nn.Module):
+    """ModernBERT with its MLM head; the same interface as `BertForPreTraining` (no NSP head)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.arch != "modernbert":
+            raise ValueError(f"ModernBertForPreTraining needs a ModelConfig with arch='modernbert', not {cfg.arch!r}")
+        self.config = cfg
+        self.bert = Encoder(cfg)
+        self.mlm = MLMHead(cfg)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        # ModernBERT's: truncated normals (cut at 2 std); the projections that write into the residual
+        # stream (attention output, feed-forward output, head dense) at std / sqrt(2 * layers).
+        std, out_std = self.config.init_std, self.config.init_std / math.sqrt(2.0 * self.config.num_layers)
+
+        def normal(w: torch.Tensor, s: float) -> None:
+            nn.init.trunc_normal_(w, std=s, a=-2 * s, b=2 * s)
+
+        normal(self.bert.embeddings.word.weight, std)
+        for layer in self.bert.layers:
+            normal(layer.qkv.weight, std)
+            normal(layer.mlp_in.weight, std)
+            normal(layer.out.weight, out_std)
+            normal(layer.mlp_out.weight, out_std)
+        normal(self.mlm.dense.weight, out_std)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+
+    init_mlm_bias = BertForPreTraining.init_mlm_bias
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                nsp: bool = False) -> Output:
+        """input_ids: (B, T). labels: (B, T) with -100 where nothing is predicted, or None for dense logits."""
+        if nsp:
+            raise ValueError("ModernBERT has no next-sentence head")
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
+        if labels is None:
+            return Output(hidden, self.mlm(hidden, self.bert.embeddings.word.weight))
+        loss_sum, correct = sparse_mlm_loss(hidden, labels, self.mlm, self.bert.embeddings.word.weight)
+        return Output(hidden, None, loss_sum, (labels != IGNORE_INDEX).sum(), correct)
+
+    def pair_head_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def set_global_theta(self, theta: float) -> None:
+        """Rotary base of the global layers from now on (no parameter changes: rotary has none)."""
+        self.bert.global_theta = theta
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.bert.embeddings.word.weight.numel() if non_embedding else n
+
+
+class ModernBertForSequenceClassification(nn.Module):
+    """The encoder, the [CLS] position through a Head, dropout and a linear classifier (transformers'
+    `ModernBertForSequenceClassification` with classifier_pooling 'cls', parameter for parameter)."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, dropout: float = 0.0):
+        super().__init__()
+        self.config, self.num_labels = cfg, num_labels
+        self.bert = Encoder(cfg)
+        self.head = Head(cfg)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        s = cfg.hidden_size ** -0.5  # ModernBERT's classifier initialisation
+        nn.init.trunc_normal_(self.classifier.weight, std=s, a=-2 * s, b=2 * s)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, num_labels) logits."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        return self.classifier(self.dropout(self.head.transform(hidden[:, 0])))
+
+
+def build_model(cfg: ModelConfig) -> BertForPreTraining | ModernBertForPreTraining:
+    """The pre-training model that `cfg.arch` names, freshly initialised."""
+    return ModernBertForPreTraining(cfg) if cfg.arch == "modernbert" else BertForPreTraining(cfg)
+
+
+def build_classifier(cfg: ModelConfig, num_labels: int, dropout: float = 0.1) -> nn.Module:
+    """A sequence classifier for `cfg.arch`, freshly initialised."""
+    if cfg.arch == "modernbert":
+        return ModernBertForSequenceClassification(cfg, num_labels, dropout)
+    return BertForSequenceClassification(cfg, num_labels, dropout)
+
+
+def classifier_from(base: nn.Module, num_labels: int, dropout: float = 0.1) -> nn.Module:
+    """A classifier starting from a pre-trained model's encoder. ModernBERT's pooling head starts from the MLM
+    head's dense and norm, as transformers' from_pretrained of an MLM checkpoint does (they share names)."""
+    model = build_classifier(base.config, num_labels, dropout)
+    model.bert.load_state_dict(base.bert.state_dict())
+    if base.config.arch == "modernbert":
+        model.head.load_state_dict({k: v for k, v in base.mlm.state_dict().items() if k != "bias"})
+    return model
