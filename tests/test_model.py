@@ -150,9 +150,6 @@ def test_logits_equal_huggingface_with_mapped_weights():
 def test_training_trajectory_equals_huggingface():
     """Same initial weights, batches, masks and AdamW: the per-step losses agree with transformers'."""
     transformers = pytest.importorskip("transformers")
-    from maskedlm import mask_tokens
-    from maskedlm.optim import param_groups
-
     torch.manual_seed(0)
     cfg = small_config(vocab_size=50)
     ours = BertForPreTraining(cfg)
@@ -163,12 +160,20 @@ def test_training_trajectory_equals_huggingface():
     hf.load_state_dict({mapping[k]: v.clone() for k, v in ours.state_dict().items()
                         if not k.startswith(("nsp", "bert.pooler"))}, strict=False)
     hf.tie_weights()
+    assert_same_trajectory(ours, hf, vocab=50, seq=24)
+
+
+def assert_same_trajectory(ours, hf, vocab: int, seq: int, steps: int = 15) -> None:
+    """Both models from the same weights, on the same batches and masks, with AdamW: every step's loss agrees."""
+    from maskedlm import mask_tokens
+    from maskedlm.optim import param_groups
+
     opt_a = torch.optim.AdamW(param_groups(ours, 0.01), lr=2e-3)
     opt_b = torch.optim.AdamW(param_groups(hf, 0.01), lr=2e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(15):
-        ids = torch.randint(5, 50, (4, 24), generator=g)
-        inp, lab = mask_tokens(ids, mask_token_id=4, vocab_size=50, special_ids=(0, 1, 2, 3, 4), generator=g)
+    for _ in range(steps):
+        ids = torch.randint(5, vocab, (4, seq), generator=g)
+        inp, lab = mask_tokens(ids, mask_token_id=4, vocab_size=vocab, special_ids=(0, 1, 2, 3, 4), generator=g)
         la = ours(inp, labels=lab).loss
         la.backward()
         opt_a.step()

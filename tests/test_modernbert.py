@@ -135,28 +135,12 @@ def test_document_masking_keeps_each_token_inside_its_document():
 
 def test_training_trajectory_equals_transformers():
     """Same initial weights, batches, masks and AdamW: 15 per-step losses agree with transformers'."""
-    from maskedlm import mask_tokens
-    from maskedlm.optim import param_groups
+    from .test_model import assert_same_trajectory
 
     cfg = config(vocab=50, layers=3, window=16)
     torch.manual_seed(0)
     ours = ModernBertForPreTraining(cfg)
-    hf = to_hf(ours).train()
-    opt_a = torch.optim.AdamW(param_groups(ours, 0.01), lr=2e-3)
-    opt_b = torch.optim.AdamW(param_groups(hf, 0.01), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(15):
-        ids = torch.randint(5, 50, (4, 40), generator=g)
-        inp, lab = mask_tokens(ids, mask_token_id=4, vocab_size=50, special_ids=(0, 1, 2, 3, 4), generator=g)
-        la = ours(inp, labels=lab).loss
-        la.backward()
-        opt_a.step()
-        opt_a.zero_grad()
-        lb = hf(input_ids=inp, labels=lab).loss
-        lb.backward()
-        opt_b.step()
-        opt_b.zero_grad()
-        assert abs(la.item() - lb.item()) < 1e-4
+    assert_same_trajectory(ours, to_hf(ours).train(), vocab=50, seq=40)  # 40 tokens: the window is exercised
 
 
 def test_presets_and_the_arch_flag():

@@ -301,12 +301,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
         problems.append(f"position_embedding_type {c.get('position_embedding_type')!r} (only 'absolute')")
     if c.get("is_decoder") or c.get("add_cross_attention"):
         problems.append("a decoder / cross-attention configuration")
-    if c.get("tie_word_embeddings") is False:
-        problems.append("untied word embeddings and decoder")
-    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-    missing = [k for k in required if not isinstance(c.get(k), int)]
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
+    problems += _shape_problems(c)
     if problems:
         raise UserError(f"{path}: unsupported BERT variant: {'; '.join(problems)}")
     return ModelConfig(
@@ -318,6 +313,14 @@ def read_hf_config(folder: Path) -> ModelConfig:
         vocab_size=c["vocab_size"], pad_token_id=c.get("pad_token_id") or 0)
 
 
+def _shape_problems(c: dict) -> list[str]:
+    """What BERT and ModernBERT configs both need: tied embeddings and the integer shape fields."""
+    problems = ["untied word embeddings and decoder"] if c.get("tie_word_embeddings") is False else []
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+    missing = [k for k in required if not isinstance(c.get(k), int)]
+    return problems + ([f"missing {', '.join(missing)}"] if missing else [])
+
+
 def _read_modernbert_config(c: dict, path: Path) -> ModelConfig:
     problems = []
     for key in ("attention_bias", "mlp_bias", "norm_bias"):
@@ -327,12 +330,7 @@ def _read_modernbert_config(c: dict, path: Path) -> ModelConfig:
         problems.append("decoder_bias false")
     if c.get("hidden_activation", "gelu") != "gelu" or c.get("classifier_activation", "gelu") != "gelu":
         problems.append("an activation other than exact 'gelu'")
-    if c.get("tie_word_embeddings") is False:
-        problems.append("untied word embeddings and decoder")
-    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-    missing = [k for k in required if not isinstance(c.get(k), int)]
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
+    problems += _shape_problems(c)
     layers = c.get("num_hidden_layers") if isinstance(c.get("num_hidden_layers"), int) else 0
     every = c.get("global_attn_every_n_layers", 3)
     if not isinstance(every, int) or every < 1:
@@ -437,14 +435,7 @@ def load_hf(folder: str | Path) -> tuple[BertForPreTraining, Tokenizer, ImportRe
     if missing_body:
         raise UserError(f"{folder}: not a complete BERT encoder: missing {', '.join(missing_body[:3])}"
                         f"{f' and {len(missing_body) - 3} more' if len(missing_body) > 3 else ''}")
-    wrong = [(names[k], tuple(state[names[k]].shape), tuple(ours[k].shape)) for k in names
-             if names[k] in state and tuple(state[names[k]].shape) != tuple(ours[k].shape)]
-    if wrong:
-        theirs, got, want = wrong[0]
-        raise UserError(f"{folder}: {theirs} has shape {got}, config.json implies {want}")
-    decoder = state.get("cls.predictions.decoder.weight")
-    if decoder is not None and not torch.equal(decoder, state["bert.embeddings.word_embeddings.weight"]):
-        raise UserError(f"{folder}: the MLM decoder is not tied to the word embeddings; maskedlm needs tied weights")
+    _check_shapes_and_tie(folder, state, names, ours, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
     report = ImportReport("BertModel")
     groups = [("pooler", _POOLER), ("MLM head", _MLM_HEAD), ("NSP head", _NSP_HEAD)]
     present = {name: all(t in state for t in keys.values()) for name, keys in groups}
@@ -463,6 +454,19 @@ def load_hf(folder: str | Path) -> tuple[BertForPreTraining, Tokenizer, ImportRe
     return model.eval(), tokenizer, report
 
 
+def _check_shapes_and_tie(folder: Path, state: dict, names: dict[str, str], ours: dict, decoder_key: str,
+                          embeddings_key: str) -> None:
+    """Every tensor the key map names has our shape, and a stored decoder equals the word embeddings."""
+    wrong = [(t, tuple(state[t].shape), tuple(ours[k].shape)) for k, t in names.items()
+             if t in state and tuple(state[t].shape) != tuple(ours[k].shape)]
+    if wrong:
+        theirs, got, want = wrong[0]
+        raise UserError(f"{folder}: {theirs} has shape {got}, config.json implies {want}")
+    decoder = state.get(decoder_key)
+    if decoder is not None and not torch.equal(decoder, state[embeddings_key]):
+        raise UserError(f"{folder}: the MLM decoder is not tied to the word embeddings; maskedlm needs tied weights")
+
+
 def _load_modernbert(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer):
     state = {}
     for k, v in _read_hf_weights(folder).items():  # a ModernBertModel's keys lack the "model." prefix
@@ -475,14 +479,7 @@ def _load_modernbert(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer):
     if missing:
         raise UserError(f"{folder}: not a complete ModernBERT encoder: missing {', '.join(missing[:3])}"
                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
-    wrong = [(t, tuple(state[t].shape), tuple(ours[k].shape)) for k, t in names.items()
-             if t in state and tuple(state[t].shape) != tuple(ours[k].shape)]
-    if wrong:
-        theirs, got, want = wrong[0]
-        raise UserError(f"{folder}: {theirs} has shape {got}, config.json implies {want}")
-    decoder = state.get("decoder.weight")
-    if decoder is not None and not torch.equal(decoder, state["model.embeddings.tok_embeddings.weight"]):
-        raise UserError(f"{folder}: the MLM decoder is not tied to the token embeddings; maskedlm needs tied weights")
+    _check_shapes_and_tie(folder, state, names, ours, "decoder.weight", "model.embeddings.tok_embeddings.weight")
     head = all(t in state for t in _MODERNBERT_HEAD.values())
     report = ImportReport("ModernBertForMaskedLM" if head else "ModernBertModel", [] if head else ["MLM head"])
     with torch.no_grad():
