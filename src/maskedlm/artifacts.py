@@ -17,7 +17,7 @@ from .evaluate import STANDARD_MASK, EvalResult
 from .fill import sample_view
 from .hf import export_trained
 from .model import BertForPreTraining
-from .modernbert import build_model
+from .modernbert import build_model, use_phase
 from .paths import atomic_write
 from .run import Run
 
@@ -62,8 +62,7 @@ def _unsharded(run: Run) -> BertForPreTraining:
         return run.model
     weights = full_model_state(run.model, True)
     model = build_model(run.cfg.model)
-    if run.cfg.train.short_rope_theta is not None:
-        model.set_global_theta(run.cfg.rope_theta_at(run.state.phase))
+    use_phase(model, run.cfg, run.state.phase)
     if run.dist.is_main:
         model.load_state_dict(weights)
     return model

@@ -26,7 +26,7 @@ from .config import Config, FinetuneConfig, ModelConfig
 from .errors import UserError
 from .hf import ImportReport, export_classifier, export_trained, is_hf_folder, load_hf
 from .model import BertForPreTraining, BertForSequenceClassification
-from .modernbert import build_classifier, build_model
+from .modernbert import build_classifier, build_model, use_phase
 from .paths import CONFIG, TOKENIZER, WEIGHTS, CheckpointDir, RunDir, atomic_write
 from .tokenizer import Tokenizer
 
@@ -98,19 +98,18 @@ def _load_run(run: RunDir, ckpt: CheckpointDir | None) -> Loaded:
         raise UserError(f"{run.path}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
     model = build_model(cfg.model)
     load_weights(model, run.weights if ckpt is None else ckpt / ckpt.WEIGHTS)
-    if cfg.train.short_rope_theta is not None:  # the rotary base these weights were trained with last
-        model.set_global_theta(cfg.rope_theta_at(_phase(run) if ckpt is None else state.train_state.phase))
+    use_phase(model, cfg, _final_phase(run, cfg) if ckpt is None else state.train_state.phase)  # as last trained
     if ckpt is None:
         return Loaded(model, tokenizer, "run", WEIGHTS, config=cfg)
     return Loaded(model, tokenizer, "checkpoint", f"checkpoint {ckpt.name}", config=cfg)
 
 
-def _phase(run: RunDir) -> int:
+def _final_phase(run: RunDir, cfg: Config) -> int:
     """The length phase a run's final weights come from (eval.json's train state; the last phase without one)."""
     try:
         return int(json.loads(run.eval.read_text(encoding="utf-8"))["train_state"]["phase"])
     except (OSError, ValueError, KeyError, TypeError):
-        return 1 << 30
+        return len(cfg.seq_len_phases()) - 1
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPreTraining, Tokenizer]:

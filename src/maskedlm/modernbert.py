@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
 from .model import (MATMUL_ATTENTION_MAX_LEN, BertForPreTraining, BertForSequenceClassification, Output,
                     _matmul_attention, sparse_mlm_loss)
 from .masking import IGNORE_INDEX
@@ -241,6 +241,13 @@ class ModernBertForSequenceClassification(nn.Module):
         """(B, T) -> (B, num_labels) logits."""
         hidden = self.bert(input_ids, attention_mask, token_type_ids)
         return self.classifier(self.dropout(self.head.transform(hidden[:, 0])))
+
+
+def use_phase(model: nn.Module, cfg: Config, phase: int) -> None:
+    """Make `model` compute as in length phase `phase` of `cfg`'s run: under --short-rope-theta, ModernBERT's
+    global rotary base of that phase; otherwise nothing changes with the phase."""
+    if cfg.train.short_rope_theta is not None:
+        model.set_global_theta(cfg.rope_theta_at(phase))
 
 
 def build_model(cfg: ModelConfig) -> BertForPreTraining | ModernBertForPreTraining:

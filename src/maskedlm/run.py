@@ -25,7 +25,7 @@ from .feed import DataFeed
 from .loading import load_for_init
 from .masking import MaskSpec
 from .model import BertForPreTraining
-from .modernbert import build_model
+from .modernbert import build_model, use_phase
 from .optim import apply_hyperparameters, make_optimizer
 from .paths import RunDir, RunLock, new_run_dir
 from .runtime import resolve_precision
@@ -60,11 +60,8 @@ class Run:
     def set_phase(self, phase: int) -> None:
         """What the model computes in a length phase: ModernBERT's global rotary base (the short phases'
         --short-rope-theta, the last phase's --global-rope-theta), on the master model and its compute copy."""
-        if self.cfg.train.short_rope_theta is None:
-            return
-        theta = self.cfg.rope_theta_at(phase)
-        for m in {id(self.parallel.model): self.parallel.model, id(self.parallel.compute): self.parallel.compute}.values():
-            m.set_global_theta(theta)
+        for m in (self.parallel.model, self.parallel.compute):  # the same model twice without a compute copy
+            use_phase(m, self.cfg, phase)
 
     def evaluate(self) -> EvalResult:
         return self.evaluator(self.model, self.device, self.amp_dtype)
