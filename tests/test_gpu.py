@@ -126,3 +126,24 @@ def test_cuda_pretrain_on_the_embedded_corpus_exports_a_transformers_model(tmp_p
     ids = torch.tensor([tok.encode("To be, or not to be, that is the question.")], device="cuda")
     with torch.no_grad():
         assert rel(model(ids).logits, hf(input_ids=ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_cuda_modernbert_logits_match_transformers_with_windows_and_padding(dtype):
+    """ModernBERT on the card: local layers in blocks (T = 512 >= 2 windows of 128), global layers over all
+    of T, padding; against transformers' ModernBertForMaskedLM (SDPA) on the same weights."""
+    from .test_modernbert import config, ours_with_noise, to_hf
+
+    cfg = config(vocab=1000, layers=4, window=128, every=3)
+    ours = ours_with_noise(cfg)
+    theirs = to_hf(ours).cuda().eval()
+    ours = ours.cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 1000, (3, 512), generator=g).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, 300:] = 0
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        a = ours(ids, attention_mask=mask).logits.float()
+        b = theirs(input_ids=ids, attention_mask=mask).logits.float()
+    keep = mask.bool()
+    assert rel(a[keep], b[keep]) < (1e-4 if dtype == torch.float32 else 3e-2)

@@ -61,6 +61,8 @@ def test_out_of_range_settings_are_one_line_errors(capsys, tmp_path, flag, value
     ("binary latest", "latest is damaged"),
     ("truncated state", "state.json: sha256 does not match manifest.json"),
     ("deleted state", "state.json is missing; the checkpoint is incomplete"),
+    ("binary manifest", "unreadable manifest.json"),
+    ("manifest not a mapping", "manifest.json is damaged"),
 ])
 def test_a_damaged_checkpoint_is_named_not_a_traceback(capsys, tmp_path, run_dir, damage, message):
     run = tmp_path / "run"
@@ -73,6 +75,10 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(capsys, tmp_path, run_dir
         latest.write_bytes(b"\xff\xfe\x00step")
     elif damage == "truncated state":
         state.write_text(state.read_text()[:100])
+    elif damage == "binary manifest":
+        (state.parent / "manifest.json").write_bytes(b"\xff\xfe{")
+    elif damage == "manifest not a mapping":
+        (state.parent / "manifest.json").write_text("5")
     else:
         state.unlink()
     assert message in cli_error(capsys, "pretrain", "--resume", run)
@@ -173,6 +179,21 @@ def test_a_resumed_run_records_every_step_once(tmp_path, run_dir):
     assert [r["step"] for r in records if "split" in r] == [6]
 
 
+def test_a_run_resumed_at_its_end_evaluates_once_and_keeps_its_checkpoint(tmp_path, run_dir):
+    """A run killed after its final checkpoint (during the final evaluation or the probe) is resumed to finish:
+    it evaluates step 6 again, and neither duplicates that record nor rewrites the checkpoint it resumed from."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    ckpt = run / "checkpoints" / "step-00000006"
+    inode = ckpt.stat().st_ino
+    cfg = read_state(find_checkpoint(run)).config
+    cfg.train.resume = str(run)
+    assert pretrain(cfg, log=quiet, progress_bar=False).steps == 6
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "split" in r] == [6]
+    assert ckpt.stat().st_ino == inode
+
+
 def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path, corpus_dir, monkeypatch):
     from maskedlm.evaluate import Evaluator
 
@@ -184,6 +205,40 @@ def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path, c
     with pytest.raises(RuntimeError, match="final evaluation"):
         pretrain(cfg, log=quiet, progress_bar=False)
     assert find_checkpoint(tmp_path / "run").name == "step-00000005"
+
+
+@pytest.mark.parametrize("eval_every, stops_at", [(3, 3), (0, 5)])  # an evaluation mid-run; the final one
+def test_sigterm_during_an_evaluation_stops_it(tmp_path, corpus_dir, monkeypatch, eval_every, stops_at):
+    import os
+    import signal
+
+    import maskedlm.evaluate as ev
+
+    batches, plain = [], ev.autocast
+
+    def first_batch_gets_a_signal(*a):
+        batches.append(1)
+        if len(batches) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return plain(*a)
+
+    monkeypatch.setattr(ev, "autocast", first_batch_gets_a_signal)
+    sizes, call = [], ev.Evaluator.__call__
+    monkeypatch.setattr(ev.Evaluator, "__call__", lambda self, *a, **k: sizes.append(len(self.batches)) or call(self, *a, **k))
+    cfg = tiny_config(tmp_path, [str(corpus_dir)], max_steps=5, checkpoint_every=0, eval_every=eval_every,
+                      eval_sequences=512, log_every=1)
+    res = pretrain(cfg, log=quiet, progress_bar=False)
+    assert (res.stopped_by, res.eval, res.steps) == ("SIGTERM", None, stops_at)
+    assert len(batches) == 1 and sizes[0] >= 3  # the evaluation gave up at its next batch, not after all of them
+    assert sorted(p.name for p in (res.run_dir / "checkpoints").iterdir() if p.is_dir()) == [f"step-{stops_at:08d}"]
+    records = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r.get("split") == "valid"] and not (res.run_dir / "eval.json").exists()
+    monkeypatch.setattr(ev, "autocast", plain)  # the resumed run finishes, with its final evaluation
+    cfg.train.resume, cfg.train.out = str(res.run_dir), None
+    done = pretrain(cfg, log=quiet, progress_bar=False)
+    assert done.stopped_by is None and done.steps == 5 and (res.run_dir / "eval.json").is_file()
+    records = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("split") == "valid"] == [5]
 
 
 # -- the server ------------------------------------------------------------------------------------------
@@ -214,7 +269,7 @@ def raw_request(port: int, data: bytes) -> tuple[int, dict]:
 def post(port: int, body: bytes, *, host: str = "127.0.0.1", length: str | None = None) -> tuple[int, dict]:
     length = str(len(body)) if length is None else length
     return raw_request(port, b"POST /api/fill HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: application/json"
-                       b"\r\nContent-Length: " + length.encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                       b"\r\nContent-Length: " + length.encode("latin-1") + b"\r\nConnection: close\r\n\r\n" + body)
 
 
 @pytest.mark.parametrize("host", ["evil.attacker.com", "evil.attacker.com:8000", "127.0.0.1.evil.com"])
@@ -242,6 +297,8 @@ def test_allowed_hosts_can_be_named(run_dir):
     (b"[" * 5000 + b"]" * 5000, None, "not nested deeply"),
     (b'{"text": "the [MASK]"}', "abc", "Content-Length must be a non-negative integer"),
     (b'{"text": "the [MASK]"}', "-1", "Content-Length must be a non-negative integer"),
+    (b'{"text": "the [MASK]"}', "\u00b2", "Content-Length must be a non-negative integer"),  # str.isdigit() says yes
+    (b'{"text": "the [MASK]"}', "9" * 5000, "Content-Length must be a non-negative integer"),
 ])
 def test_malformed_requests_get_a_4xx(server, body, length, message):
     status, res = post(server, body, length=length)
@@ -255,6 +312,35 @@ def test_idle_clients_are_disconnected(server):
     assert time.time() - t0 < 10
     with urllib.request.urlopen(f"http://127.0.0.1:{server}/api/info", timeout=30) as r:  # still serving
         assert r.status == 200
+
+
+@pytest.mark.parametrize("head", [b"GET /api/info HTTP/1.1\r\nHost: localhost\r\n",  # headers never end
+                                  b"POST /api/fill HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50\r\n\r\n{"])
+def test_a_client_trickling_its_request_is_cut_off(server, head, capfd):
+    """Slowloris: a byte every 0.3 s resets a per-read timeout for ever; the request has a deadline (1 s here)."""
+    t0 = time.time()
+    with socket.create_connection(("127.0.0.1", server), timeout=30) as s:
+        s.sendall(head)
+        with pytest.raises(OSError):
+            while time.time() - t0 < 10:
+                s.sendall(b"X")
+                time.sleep(0.3)
+                s.setblocking(False)
+                try:
+                    if s.recv(4096) == b"":
+                        raise ConnectionResetError("closed by the server")
+                except BlockingIOError:
+                    pass
+                finally:
+                    s.setblocking(True)
+    assert time.time() - t0 < 5
+    with urllib.request.urlopen(f"http://127.0.0.1:{server}/api/info", timeout=30) as r:  # still serving
+        assert r.status == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_serve_timeout_must_be_positive(capsys, run_dir):
+    assert "--timeout must be > 0" in cli_error(capsys, "serve", run_dir, "--timeout", "0", "--port", "0")
 
 
 def test_export_of_a_transformers_folder_says_what_it_is(capsys, run_dir, tmp_path):
@@ -340,13 +426,52 @@ def test_a_full_disk_at_the_final_save_is_one_error_naming_the_last_good_checkpo
     assert find_checkpoint(tmp_path / "run").name == "step-00000003"
 
 
-@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root reads files whatever their mode")
-def test_an_unreadable_file_is_one_line(capsys, tmp_path):
-    path = tmp_path / "secret.txt"
-    path.write_text("text\n")
-    path.chmod(0)
-    assert "Permission denied" in cli_error(capsys, "prepare", "--train", path, "--tokenizer", "char",
-                                            "--cache-dir", tmp_path / "c")
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_an_unreadable_file_or_folder_is_one_line(capsys, what):
+    """Mode 000, read by a user who is not root. Root reads anything, so as root the read runs with the
+    effective user `nobody` (every module it needs imported first, by the same command on a readable file)."""
+    import contextlib
+    import os
+    import pwd
+    import tempfile
+
+    @contextlib.contextmanager
+    def as_nobody():
+        if os.geteuid() != 0:
+            yield
+            return
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root without a 'nobody' user to read as")
+        os.setegid(nobody.pw_gid)
+        os.seteuid(nobody.pw_uid)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        work = Path(tmp)
+        work.chmod(0o777)
+        readable = work / "open.txt"
+        readable.write_text("text\n")
+        assert main(["prepare", "--train", str(readable), "--tokenizer", "char", "--cache-dir", str(work / "c")]) == 0
+        capsys.readouterr()
+        target = work / ("secret.txt" if what == "file" else "closed")
+        if what == "file":
+            target.write_text("text\n")
+        else:
+            target.mkdir()
+            (target / "a.txt").write_text("text\n")
+        target.chmod(0)
+        try:
+            with as_nobody():
+                err = cli_error(capsys, "prepare", "--train", target, "--tokenizer", "char", "--cache-dir", work / "c")
+        finally:
+            target.chmod(0o700)
+    assert "Permission denied" in err
 
 
 def test_a_killed_writers_temporary_checkpoint_is_cleaned_up(tmp_path, run_dir):
@@ -357,3 +482,107 @@ def test_a_killed_writers_temporary_checkpoint_is_cleaned_up(tmp_path, run_dir):
     (stale / "model.safetensors").write_bytes(b"x" * 1000)
     assert main(["pretrain", "--resume", str(run), "--max-steps", "8"]) == 0
     assert not stale.exists()
+
+
+# -- readers of a run folder while its writer works -------------------------------------------------------
+
+
+def training_copy(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run as it looks mid-training: checkpoints, no final weights."""
+    run = tmp_path / "live"
+    shutil.copytree(run_dir, run)
+    (run / "model.safetensors").unlink()
+    return run
+
+
+def test_readers_of_a_run_still_training_are_told_who_writes_it(capsys, tmp_path, run_dir):
+    from maskedlm import load
+    from maskedlm.paths import RunDir, RunLock
+
+    run = training_copy(run_dir, tmp_path)
+    lock = RunLock(RunDir(run)).acquire()
+    try:
+        err = cli_error(capsys, "export", run, "--out", tmp_path / "x")
+        assert "is still training (PID" in err and "step-00000006" in err
+        with pytest.raises(UserError, match="still training"):
+            load(run)
+    finally:
+        lock.release()
+    assert "did the run finish?" in cli_error(capsys, "export", run, "--out", tmp_path / "x")  # no writer now
+
+
+def test_a_finished_run_training_again_is_not_read_from_its_old_weights(capsys, tmp_path, run_dir):
+    from maskedlm.loading import open_folder
+    from maskedlm.paths import RunDir, RunLock
+
+    run = tmp_path / "again"
+    shutil.copytree(run_dir, run)  # finished: model.safetensors from step 6; now resumed (lock held)
+    lock = RunLock(RunDir(run)).acquire()
+    try:
+        assert "from an earlier end" in cli_error(capsys, "export", run, "--out", tmp_path / "x")
+        assert open_folder(run, live=True).source == "checkpoint step-00000006"  # serve: the newest checkpoint
+    finally:
+        lock.release()
+    assert open_folder(run, live=True).source == "model.safetensors"
+
+
+def test_serve_keeps_its_weights_when_newer_ones_cannot_be_read(tmp_path, run_dir, monkeypatch):
+    import maskedlm.serve as serve
+
+    run = training_copy(run_dir, tmp_path)
+    state = serve.RunModel(run)
+    model = state.model
+    (run / "checkpoints" / "latest").write_text("step-00000003\n")  # "newer" weights appear ...
+    monkeypatch.setattr(serve, "open_folder", lambda *a, **k: (_ for _ in ()).throw(UserError("half-written")))
+    state.refresh()  # ... and cannot be read (yet): the page keeps answering with what it has
+    assert state.model is model and state.source == "checkpoint step-00000006"
+    monkeypatch.undo()
+    state.refresh()
+    assert state.source == "checkpoint step-00000003"
+
+
+def test_a_live_reader_follows_a_checkpoint_rotated_away_under_it(tmp_path, run_dir, monkeypatch):
+    import maskedlm.loading as loading
+
+    run = training_copy(run_dir, tmp_path)
+    (run / "checkpoints" / "latest").write_text("step-00000003\n")
+    verify = loading.verify_checkpoint
+
+    def writer_moves_on(ckpt, **kw):  # between reading `latest` and reading the files, the writer rotates
+        if ckpt.name == "step-00000003":
+            (run / "checkpoints" / "latest").write_text("step-00000006\n")
+            shutil.rmtree(ckpt.path)
+        return verify(ckpt, **kw)
+
+    monkeypatch.setattr(loading, "verify_checkpoint", writer_moves_on)
+    assert loading.open_folder(run, live=True).source == "checkpoint step-00000006"
+
+
+def test_the_transformers_folder_appears_whole(tmp_path, corpus_dir, monkeypatch):
+    import maskedlm.artifacts as artifacts
+
+    written = []
+
+    def export(model, tok, cfg, out):
+        written.append((Path(out).name, (Path(out).parent / "hf").exists()))
+        return export_trained(model, tok, cfg, out)
+
+    export_trained = artifacts.export_trained
+    monkeypatch.setattr(artifacts, "export_trained", export)
+    res = pretrain(tiny_config(tmp_path, [str(corpus_dir)], max_steps=2, eval_every=0), log=quiet, progress_bar=False)
+    assert written == [(".hf.tmp", False)]  # written aside; RUN/hf did not exist half-written meanwhile
+    assert (res.run_dir / "hf" / "config.json").is_file() and not (res.run_dir / ".hf.tmp").exists()
+
+
+def test_resume_refuses_training_data_edited_in_place(capsys, tmp_path, corpus_dir):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    cfg = tiny_config(tmp_path, [str(corpus)], max_steps=3, checkpoint_every=3, eval_every=0)
+    run = pretrain(cfg, log=quiet, progress_bar=False).run_dir
+    assert read_state(find_checkpoint(run)).train_state.data  # the content key is recorded
+    text = sorted(corpus.rglob("*.txt"))[0]
+    text.write_text(text.read_text() + "\nA line added after the checkpoint, at the same path.\n")
+    err = cli_error(capsys, "pretrain", "--resume", run, "--max-steps", "5")
+    assert "the training data changed since step-00000003" in err
+    assert main(["pretrain", "--resume", str(run), "--max-steps", "5", "--allow-config-change"]) == 0
+    assert "training data's content" in capsys.readouterr().out

@@ -76,10 +76,12 @@ def test_every_parameter_maps_to_one_transformers_parameter():
         assert all(theirs[names[k]].shape == v.shape for k, v in ours.items())
 
 
-@pytest.mark.parametrize("every,window", [(3, 16), (1, 16), (2, 8), (3, 128)],
-                         ids=["global-every-3", "all-global", "global-every-2", "window-covers-all"])
+@pytest.mark.parametrize("every,window", [(3, 16), (1, 16), (2, 8), (3, 24), (3, 128)],
+                         ids=["global-every-3", "all-global", "global-every-2", "band-mask", "window-covers-all"])
 def test_logits_equal_transformers_with_local_layers_and_padding(every, window):
-    """T = 40 > the window's half (8 or 4 tokens each side): local layers differ from global ones here."""
+    """T = 40 > the window's half (12, 8 or 4 tokens each side): local layers differ from global ones here.
+    Windows of 16 and 8 run local layers in blocks (`windowed`, T >= 2 windows); 24 as a band-masked full
+    attention."""
     model = ours_with_noise(config(window=window, every=every))
     hf = to_hf(model)
     ids, attn = padded_batch(97)
@@ -327,3 +329,33 @@ def test_fill_and_evaluate_read_a_transformers_modernbert_folder(tmp_path, corpu
     assert "accuracy" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "hf")]) == 2
     assert "or a transformers folder with --valid FILES" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("T, half, keep", [(50, 4, "none"), (64, 8, "keys"), (37, 5, "docs"), (16, 4, "docs"),
+                                           (130, 16, "keys"), (9, 2, "none")])
+def test_windowed_attention_equals_the_band_masked_full_attention(T, half, keep):
+    """Local attention in blocks of `half` against each block and its neighbours = full attention under the
+    (T, T) band mask that Encoder.masks builds, with padding and documents (and T not a multiple of the block)."""
+    import torch.nn.functional as F
+
+    from maskedlm.modernbert import Window, windowed
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
+    if keep == "none":
+        full = None
+    elif keep == "keys":
+        real = torch.ones(2, T, dtype=torch.bool)
+        real[1, T - T // 3:] = False  # padding
+        full = real[:, None, None, :]
+    else:
+        doc = torch.tensor([[i * 4 // T for i in range(T)], [0 if i < T // 5 else 1 for i in range(T)]])
+        real = torch.ones(2, T, dtype=torch.bool)
+        real[0, T - 3:] = False
+        full = ((doc[:, :, None] == doc[:, None, :]) & real[:, None, :])[:, None]  # (B, 1, T, T)
+    pos = torch.arange(T)
+    band = (pos[:, None] - pos[None, :]).abs() <= half
+    dense = band if full is None else (full & band) | torch.eye(T, dtype=torch.bool)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    got = windowed(q, k, v, Window(half, full), 0.0)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)

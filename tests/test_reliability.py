@@ -102,7 +102,8 @@ def test_sigkill_at_a_random_step_then_resume(tmp_path, corpus):
     settings = ["--train", str(corpus), "--model", "tiny", "--num-layers", "1", "--hidden-size", "32", "--num-heads",
                 "2", "--intermediate-size", "64", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "8",
                 "--max-steps", "120", "--log-every", "1", "--eval-every", "0", "--checkpoint-every", "10",
-                "--eval-sequences", "16", "--precision", "fp32", "--no-sample"]
+                "--eval-sequences", "16", "--precision", "fp32", "--no-sample",
+                "--threads", "1"]  # bit for bit needs one thread count (a busy CI machine must not change it)
     # The reference run goes through the same entry point in a fresh process, like the killed one, so the
     # comparison is about kill and resume only (not about what earlier tests left in this process).
     ref = subprocess.run([sys.executable, "-m", "maskedlm", "pretrain", "--out", str(full), *settings],

@@ -7,6 +7,7 @@ Rank 0 writes them all; under FSDP it first gathers an unsharded copy of the mod
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import asdict
 
@@ -18,7 +19,7 @@ from .fill import sample_view
 from .hf import export_trained
 from .model import BertForPreTraining
 from .modernbert import build_model, use_phase
-from .paths import atomic_write
+from .paths import atomic_write, replace_folder
 from .run import Run
 
 
@@ -28,7 +29,10 @@ def write_artifacts(run: Run, last_eval: EvalResult) -> None:
     probe = None
     if run.dist.is_main:
         save_weights(model, run.dir.weights)
-        export_trained(model, run.tok, cfg, run.dir.hf)
+        tmp = run.dir.path / ".hf.tmp"  # written aside, then put in place: a reader never sees half a folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_trained(model, run.tok, cfg, tmp)
+        replace_folder(tmp, run.dir.hf)
         if t.probe or (t.probe is None and not cfg.data.train and cfg.data.corpus == "shakespeare"):
             from .probe import genre_probe
 

@@ -40,7 +40,7 @@ from . import distributed
 from .config import Config
 from .distributed import Dist
 from .errors import UserError
-from .paths import CheckpointDir, RunDir, atomic_path, atomic_write, fsync
+from .paths import CheckpointDir, RunDir, atomic_path, atomic_write, fsync, replace_folder
 from .schedules import TrainState
 
 FORMAT = 1
@@ -216,8 +216,10 @@ def save_checkpoint(run: RunDir, *, state: CheckpointState, weights: dict[str, t
     if bad:
         raise UserError(f"refusing to save a checkpoint at step {state.step}: {bad} holds non-finite values")
     state = dataclasses.replace(state, optimizer_param_groups=[dict(g) for g in opt_state["param_groups"]])
-    for stale in run.checkpoints.glob(".tmp-step-*"):  # a killed writer's half-written checkpoint (one writer:
-        shutil.rmtree(stale, ignore_errors=True)  # RunLock), a full checkpoint's worth of disk each
+    # A killed writer's half-written checkpoint, or one it was replacing (one writer: RunLock), a full
+    # checkpoint's worth of disk each.
+    for stale in [*run.checkpoints.glob(".tmp-step-*"), *run.checkpoints.glob(".step-*.old*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = CheckpointDir(run.checkpoints / f".tmp-{final.name}-{os.getpid()}")
     tmp.path.mkdir()
     try:
@@ -229,10 +231,7 @@ def save_checkpoint(run: RunDir, *, state: CheckpointState, weights: dict[str, t
         for f in (*tmp.FILES, tmp.MANIFEST):
             fsync(tmp / f)
         fsync(tmp.path)
-        if final.path.exists():  # a checkpoint of this step from an earlier, interrupted attempt
-            shutil.rmtree(final.path)
-        os.replace(tmp.path, final.path)
-        fsync(run.checkpoints)
+        replace_folder(tmp.path, final.path)  # over a checkpoint of this step from an earlier, interrupted attempt
         atomic_write(run.latest, final.name + "\n")
         fsync(run.checkpoints)
     except BaseException:
@@ -272,9 +271,11 @@ def verify_checkpoint(ckpt: CheckpointDir, files: tuple[str, ...] = CheckpointDi
     """Check `files` (all by default) against manifest.json; a missing file or a changed byte is an error
     naming it."""
     try:
-        manifest = json.loads((ckpt / ckpt.MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{ckpt.path}: unreadable manifest.json ({e})") from None
+        manifest = json.loads((ckpt / ckpt.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise UserError(f"{ckpt.path}: unreadable manifest.json ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{ckpt.path}: manifest.json is damaged (not a mapping of file names to checksums)")
     for f in files:
         if f not in manifest or not (ckpt / f).is_file():
             raise UserError(f"{ckpt.path}: {f} is missing; the checkpoint is incomplete")

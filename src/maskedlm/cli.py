@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests addressed to this host name (e.g. the machine's name when binding "
                         "0.0.0.0); by default only localhost and the bound address")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request must arrive whole within this time; idle and trickling clients are cut off")
 
     p = sub.add_parser("plot", help="draw a run's curves as a PNG (needs matplotlib)")
     p.add_argument("run", help="run folder")
@@ -173,7 +175,7 @@ def _export(ns: argparse.Namespace) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     from .serve import serve
 
-    serve(ns.run, ns.host, ns.port, ns.device, tuple(ns.allow_host))
+    serve(ns.run, ns.host, ns.port, ns.device, tuple(ns.allow_host), timeout=ns.timeout)
     return 0
 
 

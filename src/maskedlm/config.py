@@ -266,6 +266,9 @@ class TrainConfig:
     seed: int = _f(0, resume="fixed", help="seed for initialisation, data order and masks")
     device: str = _f("auto", resume="free", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", resume="fixed", help="'auto' uses bf16 autocast where the device has fast bf16")
+    threads: Optional[int] = _f(None, resume="free", help="CPU training: PyTorch threads (default: one per available CPU that other processes "
+                                                          "leave free, followed while the run trains; more threads than free CPUs make steps "
+                                                          "many times slower)")
     compile: bool = _f(False, resume="free", help="torch.compile the encoder (compile time is reported separately)")
     log_every: int = _f(10, resume="free", help="steps between metric records")
     eval_every: int = _f(250, resume="free", help="steps between held-out evaluations (0: only at the end)")
@@ -424,6 +427,7 @@ class Config:
             (t.checkpoint_every >= 0 and t.checkpoint_minutes >= 0, "checkpoint intervals must be >= 0"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (t.max_nonfinite >= 1, "train.max_nonfinite must be >= 1"),
+            (t.threads is None or t.threads >= 1, "train.threads must be >= 1"),
         ]
         _require(checks)
         phases = self.seq_len_phases()

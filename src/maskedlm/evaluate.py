@@ -7,6 +7,7 @@ steps (and different runs on the same data) are measured on exactly the same pre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,28 +72,41 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-                 progress: Progress | None = None) -> EvalResult:
+                 progress: Progress | None = None, stop: Callable[[], bool] | None = None) -> EvalResult | None:
+        """The held-out metrics; None when `stop()` (asked before each batch, on every rank) says to give up."""
         was_training = model.training
         model.eval()
+        try:
+            return self._evaluate(model, device, amp_dtype, progress, stop or (lambda: False))
+        finally:
+            model.train(was_training)
+
+    def _evaluate(self, model, device, amp_dtype, progress, stop) -> EvalResult | None:
         # Under torchrun each rank takes every world-th batch; the sums are all-reduced.
         rank, world = self.dist.rank, self.dist.world
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, count, correct, nsp loss, nsp correct
-        for inputs, labels, attn in self.batches[rank::world]:
-            with autocast(device, amp_dtype):
-                out = model(inputs.to(device), attention_mask=None if attn is None else attn.to(device),
-                            labels=labels.to(device))
-            sums[0] += out.loss_sum.double()
-            sums[1] += out.num_predicted
-            sums[2] += out.correct
-            if progress:
-                progress.update(1)
-        for b in self.pair_batches[rank::world]:
-            with autocast(device, amp_dtype):
-                out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                            token_type_ids=b["token_type_ids"].to(device), nsp=True)
-            logits, target = out.nsp_logits.float(), b["nsp_labels"].to(device)
-            sums[3] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
-            sums[4] += (logits.argmax(-1) == target).sum()
+        # Batch i goes to rank i % world. Every rank asks `stop` once per round (it may be a collective).
+        mlm_rounds, pair_rounds = -(-len(self.batches) // world), -(-len(self.pair_batches) // world)
+        for r in range(mlm_rounds + pair_rounds):
+            if stop():
+                return None
+            if r < mlm_rounds:
+                if (i := r * world + rank) < len(self.batches):
+                    inputs, labels, attn = self.batches[i]
+                    with autocast(device, amp_dtype):
+                        out = model(inputs.to(device), attention_mask=None if attn is None else attn.to(device),
+                                    labels=labels.to(device))
+                    sums[0] += out.loss_sum.double()
+                    sums[1] += out.num_predicted
+                    sums[2] += out.correct
+            elif (i := (r - mlm_rounds) * world + rank) < len(self.pair_batches):
+                b = self.pair_batches[i]
+                with autocast(device, amp_dtype):
+                    out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                                token_type_ids=b["token_type_ids"].to(device), nsp=True)
+                logits, target = out.nsp_logits.float(), b["nsp_labels"].to(device)
+                sums[3] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
+                sums[4] += (logits.argmax(-1) == target).sum()
             if progress:
                 progress.update(1)
         loss_sum, count, correct, nsp_sum, nsp_correct = self.dist.all_reduce(sums).tolist()
@@ -101,7 +115,6 @@ class Evaluator:
         result = EvalResult(loss, int(correct) / n, math.exp(min(loss, 700.0)), int(count), self.sequences)
         if self.pair_batches:
             result.nsp_loss, result.nsp_accuracy, result.pairs = nsp_sum / self.pairs, nsp_correct / self.pairs, self.pairs
-        model.train(was_training)
         return result
 
 

@@ -141,9 +141,10 @@ class FinetuneResult:
 
 def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train: tuple[list, list[int]],
                      valid: tuple[list, list[int]], cfg: FinetuneConfig, device, log=print,
-                     progress: bool | None = None) -> FinetuneResult:
+                     progress: bool | None | Progress = None) -> FinetuneResult:
     """Fine-tune `model` in place on encoded (examples, label ids); keeps the best epoch's weights.
-    The optimizer, learning-rate schedule (linear warmup and decay) and clipping are pre-training's."""
+    The optimizer, learning-rate schedule (linear warmup and decay) and clipping are pre-training's.
+    `progress`: a bar of its own (True / False / None: on a terminal), or a caller's bar to advance."""
     amp = resolve_precision("auto", device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -153,7 +154,7 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
     step = 0
     pad = tok.special.pad
     best, best_state, history, stale = -1.0, None, [], 0
-    bar = Progress(total, "fine-tuning", unit="step", enabled=progress)
+    bar = progress if isinstance(progress, Progress) else Progress(total, "fine-tuning", unit="step", enabled=progress)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = list(range(len(train[1])))
@@ -170,7 +171,7 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach()) * len(y)
-            bar.update(1, f"epoch {epoch} loss {float(loss.detach()):.4f}")
+            bar.update(1, f"epoch {epoch} loss {float(loss.detach()):.4f}" if bar is not progress else None)
         pred = predict(model, valid[0], cfg.batch_size, pad, device, amp)
         acc, f1 = classification_metrics(pred, valid[1], model.num_labels)
         history.append({"epoch": epoch, "train_loss": loss_sum / len(train[1]), "valid_accuracy": acc, "valid_macro_f1": f1})
@@ -182,7 +183,8 @@ def train_classifier(model: BertForSequenceClassification, tok: Tokenizer, train
             stale += 1
             if stale >= cfg.patience:
                 break
-    bar.close()
+    if bar is not progress:
+        bar.close()
     model.load_state_dict(best_state)
     best_epoch = max(history, key=lambda h: h["valid_accuracy"])
     return FinetuneResult(best_epoch["valid_accuracy"], best_epoch["valid_macro_f1"], len(history), None, history)

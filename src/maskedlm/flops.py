@@ -16,12 +16,16 @@ used for every system compared, so MFU ratios equal throughput ratios.
 from __future__ import annotations
 
 import functools
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .paths import atomic_write
 
 
 def train_flops(cfg: ModelConfig, batch: int, seq_len: int, predicted: float) -> float:
@@ -59,3 +63,37 @@ def matmul_peak(device_type: str, dtype: torch.dtype = torch.bfloat16, size: int
         sync()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def remembered_peak(device_type: str, dtype: torch.dtype, cache_dir: Path) -> tuple[float, bool]:
+    """`matmul_peak` (at the current thread count), remembered per machine in CACHE/matmul_peak.json as the
+    highest measurement so far: one taken while other processes keep the machine busy reads low, and an
+    MFU against it high (a run measured 154%). Returns the peak and whether an earlier measurement set it."""
+    key = f"{device_name(device_type)} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    path = Path(cache_dir) / "matmul_peak.json"
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        before = float(known.get(key, 0.0)) if isinstance(known, dict) else 0.0
+    except (OSError, ValueError, TypeError):
+        known, before = {}, 0.0
+    measured = matmul_peak(device_type, dtype)
+    if measured > before:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps({**(known if isinstance(known, dict) else {}), key: measured}, indent=1) + "\n")
+        except OSError:
+            pass  # a read-only cache: the MFU is then against this run's own measurement
+    return max(measured, before), before > measured

@@ -27,7 +27,7 @@ from .errors import UserError
 from .hf import ImportReport, export_classifier, export_trained, is_hf_folder, load_hf
 from .model import BertForPreTraining, BertForSequenceClassification
 from .modernbert import build_classifier, build_model, use_phase
-from .paths import CONFIG, TOKENIZER, WEIGHTS, CheckpointDir, RunDir, atomic_write
+from .paths import CONFIG, TOKENIZER, WEIGHTS, CheckpointDir, RunDir, RunLock, atomic_write
 from .tokenizer import Tokenizer
 
 CLASSIFIER_TASK = "sequence-classification"
@@ -75,10 +75,28 @@ def open_folder(path: str | Path, device: str | torch.device = "cpu", *, live: b
         loaded = _load_run(CheckpointDir(path).run, CheckpointDir(path))
     else:
         run = RunDir(path)
-        ckpt = find_checkpoint(path) if live and not run.weights.is_file() and run.latest.is_file() else None
-        loaded = _load_run(run, ckpt)
+        # A run that is training (again, after --resume, if it has final weights from an earlier end): its
+        # newest checkpoint for a live reader; the others are told, not handed stale or missing weights.
+        training = RunLock(run).holder() is not None
+        if live and run.latest.is_file() and (training or not run.weights.is_file()):
+            loaded = _load_live(run)
+        else:
+            loaded = _load_run(run, None)
     loaded.model = loaded.model.to(device).eval()
     return loaded
+
+
+def _load_live(run: RunDir, tries: int = 3) -> Loaded:
+    """The newest checkpoint of a run that may still be training. Its writer can drop the checkpoint that
+    `latest` named while it is being read (rotation); then the new `latest` is read instead."""
+    for attempt in range(tries):
+        ckpt = find_checkpoint(run.path)
+        try:
+            return _load_run(run, ckpt)
+        except UserError:
+            if attempt == tries - 1 or find_checkpoint(run.path).name == ckpt.name:
+                raise  # not a moving target: the checkpoint itself is damaged
+    raise AssertionError("unreachable")
 
 
 def _load_run(run: RunDir, ckpt: CheckpointDir | None) -> Loaded:
@@ -96,6 +114,10 @@ def _load_run(run: RunDir, ckpt: CheckpointDir | None) -> Loaded:
         cfg = state.config
     if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded embedding table (ModernBERT's)
         raise UserError(f"{run.path}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
+    if ckpt is None and (holder := RunLock(run).holder()):
+        newest = f"; its newest checkpoint is {find_checkpoint(run.path).path}" if run.latest.is_file() else ""
+        final = " (its model.safetensors is from an earlier end)" if run.weights.is_file() else ": no final weights yet"
+        raise UserError(f"{run.path} is still training ({holder}){final}{newest}")
     model = build_model(cfg.model)
     load_weights(model, run.weights if ckpt is None else ckpt / ckpt.WEIGHTS)
     use_phase(model, cfg, _final_phase(run, cfg) if ckpt is None else state.train_state.phase)  # as last trained

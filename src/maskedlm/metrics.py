@@ -65,9 +65,11 @@ class MetricsLog:
     A resumed run continues from step `from_step`: records of later steps (written before the run was
     interrupted, or by the run a resume rewinds) are dropped first, so every step is recorded once."""
 
-    def __init__(self, run: RunDir, enabled: bool, tensorboard: bool, from_step: int = 0):
+    def __init__(self, run: RunDir, enabled: bool, tensorboard: bool, from_step: int = 0, reevaluate: bool = False):
+        """`reevaluate`: the run resumes at its end and evaluates step `from_step` again (a run stopped or
+        killed after its final checkpoint): that step's earlier evaluation record is dropped too."""
         if enabled and run.metrics.is_file():
-            _drop_after(run.metrics, from_step)
+            _drop_after(run.metrics, from_step, reevaluate)
         self.file = open(run.metrics, "a", encoding="utf-8") if enabled else None
         self.tb = None
         if tensorboard and enabled:
@@ -98,13 +100,16 @@ class MetricsLog:
             self.tb.close()
 
 
-def _drop_after(path, step: int) -> None:
-    """Keep the records of steps <= `step` (and drop a last line cut short by a crash)."""
+def _drop_after(path, step: int, eval_too: bool = False) -> None:
+    """Keep the records of steps <= `step` (and drop a last line cut short by a crash); with `eval_too`,
+    not the evaluation records of `step` itself."""
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
-            if line.endswith("\n") and json.loads(line).get("step", 0) <= step:
+            r = json.loads(line)
+            if line.endswith("\n") and r.get("step", 0) <= step and not (eval_too and r.get("step") == step
+                                                                          and r.get("split") == "valid"):
                 keep.append(line)
         except (json.JSONDecodeError, AttributeError):
             continue

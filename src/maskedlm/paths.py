@@ -144,6 +144,21 @@ class RunLock:
             self.file.close()  # closing the file releases the lock
             self.file = None
 
+    def holder(self) -> str | None:
+        """Who holds the run folder now ('PID 123 on host'), or None when no process is writing it."""
+        try:
+            import fcntl
+            f = open(self.run.lock, encoding="utf-8")
+        except (ImportError, OSError):
+            return None
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "unknown"
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return None
+
 
 # -- atomic writes ----------------------------------------------------------------------------------------
 
@@ -175,6 +190,20 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Put the finished folder `tmp` at `path`, replacing what was there: a reader sees the old folder or the
+    new one, never a half-written one (the old one is renamed away first; it is gone a moment later)."""
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

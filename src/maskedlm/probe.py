@@ -26,6 +26,7 @@ from .corpus import clean_play, shakespeare_plays
 from .finetune import classification_metrics, predict, train_classifier
 from .model import BertForPreTraining
 from .modernbert import build_model, classifier_from
+from .progress import Progress
 from .runtime import autocast, resolve_precision
 from .tokenizer import Tokenizer
 
@@ -60,7 +61,8 @@ def passages(tok: Tokenizer, plays, genres: list[str], per_play: int, length: in
 
 
 @torch.no_grad()
-def pooled_features(model: BertForPreTraining, encoded, pad: int, device, amp, batch: int = 64) -> torch.Tensor:
+def pooled_features(model: BertForPreTraining, encoded, pad: int, device, amp, batch: int = 64,
+                    progress: Progress | None = None) -> torch.Tensor:
     """Mean of the final hidden states over each passage's tokens (specials excluded). (N, H) fp32."""
     model.eval()
     feats = []
@@ -77,6 +79,8 @@ def pooled_features(model: BertForPreTraining, encoded, pad: int, device, amp, b
         keep[:, 0] = 0  # [CLS]
         keep[torch.arange(len(rows)), mask.sum(1) - 1] = 0  # [SEP]
         feats.append((h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1))
+        if progress:
+            progress.update(1)
     return torch.cat(feats).cpu()
 
 
@@ -103,8 +107,10 @@ def linear_probe(x_train: torch.Tensor, y_train: list[int], x_test: torch.Tensor
 
 
 def genre_probe(model: BertForPreTraining, tok: Tokenizer, device: torch.device, *, per_play: int = 40,
-                length: int = 128, finetune_epochs: int = 3, seed: int = 0, log=print) -> dict:
-    """The probe on `model` and on a random model of the same shape. Returns a JSON-able dict."""
+                length: int = 128, finetune_epochs: int = 3, seed: int = 0, log=print,
+                progress: bool | None = None) -> dict:
+    """The probe on `model` and on a random model of the same shape. Returns a JSON-able dict.
+    Minutes on a small CPU: a progress bar (a line every 30 s off a terminal) counts its batches."""
     train_plays, test_plays, genres = split_plays()
     length = min(length, model.config.max_position)
     train = passages(tok, train_plays, genres, per_play, length)
@@ -116,10 +122,16 @@ def genre_probe(model: BertForPreTraining, tok: Tokenizer, device: torch.device,
            "test_passages": len(test[1]), "majority_class_accuracy": float(counts.max() / counts.sum())}
     torch.manual_seed(seed)
     random_model = build_model(model.config)
+    batches = lambda n, size=64: -(-n // size)  # noqa: E731
+    fit = len(train[1]) - len(train[1]) // 5
+    per_model = (batches(len(train[1])) + batches(len(test[1]))
+                 + (finetune_epochs * batches(fit, 32) if finetune_epochs else 0))
+    bar = Progress(2 * per_model, "genre probe", unit="batch", enabled=progress)
     for name, m in (("pretrained", model), ("random_init", random_model)):
         m = m.to(device)
-        acc, f1 = linear_probe(pooled_features(m, train[0], pad, device, amp), train[1],
-                               pooled_features(m, test[0], pad, device, amp), test[1], len(genres))
+        bar.update(0, f"{name}: features")
+        acc, f1 = linear_probe(pooled_features(m, train[0], pad, device, amp, progress=bar), train[1],
+                               pooled_features(m, test[0], pad, device, amp, progress=bar), test[1], len(genres))
         entry = {"linear": {"accuracy": acc, "macro_f1": f1}}
         if finetune_epochs:
             clf = classifier_from(m, len(genres))
@@ -129,13 +141,15 @@ def genre_probe(model: BertForPreTraining, tok: Tokenizer, device: torch.device,
             cut = len(order) // 5
             va, tr = order[:cut], order[cut:]
             cfg = FinetuneConfig(epochs=finetune_epochs, patience=finetune_epochs, lr=5e-5, batch_size=32, seed=seed)
+            bar.update(0, f"{name}: fine-tuning")
             train_classifier(clf, tok, ([train[0][i] for i in tr], [train[1][i] for i in tr]),
                              ([train[0][i] for i in va], [train[1][i] for i in va]), cfg, device, log=lambda *a: None,
-                             progress=False)
+                             progress=bar)
             pred = predict(clf, test[0], 64, pad, device, amp)
             acc_ft, f1_ft = classification_metrics(pred, test[1], len(genres))
             entry["finetuned"] = {"accuracy": acc_ft, "macro_f1": f1_ft, "epochs": finetune_epochs}
         out[name] = entry
+    bar.close()
     log(format_probe(out))
     return out
 

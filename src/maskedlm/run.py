@@ -63,8 +63,9 @@ class Run:
         for m in (self.parallel.model, self.parallel.compute):  # the same model twice without a compute copy
             use_phase(m, self.cfg, phase)
 
-    def evaluate(self) -> EvalResult:
-        return self.evaluator(self.model, self.device, self.amp_dtype)
+    def evaluate(self, stop: Callable[[], bool] | None = None, progress=None) -> EvalResult | None:
+        """Held-out metrics; None when `stop()` turned true before the end (a signal: stop without them)."""
+        return self.evaluator(self.model, self.device, self.amp_dtype, progress=progress, stop=stop)
 
     def describe(self) -> str:
         m, t, d = self.cfg.model, self.cfg.train, self.dist
@@ -129,6 +130,13 @@ def _build(cfg: Config, start: "_Start", device: torch.device, dist: Dist, amp_d
         apply_hyperparameters(optimizer, t)  # a resume with --allow-config-change may have changed them
         state = dataclasses.replace(ckpt.state.train_state)
         restore_rng(ckpt.rng, ckpt.state.rng, mask_gen, dist.rank)
+        if state.data and state.data != data.folder.name:  # same paths and settings, other content
+            if not t.allow_config_change:
+                raise UserError(f"--resume: the training data changed since {ckpt.path.name} (the same files, other "
+                                f"content: edited in place?); its position in the data means nothing now (pass "
+                                f"--allow-config-change to accept)")
+            log("changed: the training data's content (--allow-config-change)")
+    state.data = data.folder.name
     feed = DataFeed(cfg, data.train, tok.special, dist, device, state)
     step = TrainStep(parallel, optimizer, MaskSpec.from_tokenizer(tok, cfg.mask), mask_gen, grad_accum=t.grad_accum,
                      clip_grad=t.clip_grad, doc_sep_id=tok.special.sep if t.doc_masking else None)

@@ -24,6 +24,7 @@ class TrainState:
     data_position: int | list[int] | None = 0  # the data source's position in its phase (see batches.py)
     phase: int = 0  # index in the sequence-length schedule
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
+    data: str = ""  # the prepared training data's content key (data.py's cache folder name); "" in older runs
 
     @property
     def tokens_per_second(self) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,7 +74,12 @@ class RunModel:
             return
         with self.lock:
             if stamp != (None, None) or is_hf_folder(self.run.path):
-                loaded = open_folder(self.run.path, self.device, live=True)
+                try:
+                    loaded = open_folder(self.run.path, self.device, live=True)
+                except UserError:
+                    if self.model is None:
+                        raise
+                    return  # the newer weights could not be read (yet): keep serving these; try again next time
                 self.model, self.tokenizer, self.source = loaded.model, loaded.tokenizer, loaded.source
             else:
                 self.model, self.source = None, None
@@ -147,6 +153,15 @@ class _Server(ThreadingHTTPServer):
         self.state, self.page, self.timeout_s = state, _page(), timeout
         self.allowed_hosts = {h.lower() for h in (*LOOPBACK_NAMES, address[0], *allowed_hosts)}
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (or was cut off) is not worth a traceback; anything else gets one line."""
+        import sys
+
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            print(f"maskedlm serve: request from {client_address[0]} failed: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -170,7 +185,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.timeout_s  # idle or slow clients are dropped (StreamRequestHandler)
         super().setup()
 
+    def handle_one_request(self) -> None:
+        # The socket timeout bounds each read, not the request: a client trickling a byte at a time (slowloris)
+        # would hold its thread for ever. The whole request (line, headers, body) must arrive within the
+        # timeout, counted from when the connection waits for it; answering it is not bounded.
+        self._deadline = threading.Timer(self.server.timeout_s, self._cut_off)
+        self._deadline.daemon = True
+        self._deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._deadline.cancel()
+
+    def _cut_off(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _handle(self, fn) -> None:
+        if self.command != "POST":
+            self._deadline.cancel()  # the request is in (a POST's body is read in _post)
         try:
             self._check_host()
             fn()
@@ -216,13 +251,17 @@ class _Handler(BaseHTTPRequestHandler):
         if urlparse(self.path).path != "/api/fill":
             raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
         raw_length = (self.headers.get("Content-Length") or "0").strip()
-        if not raw_length.isdigit():
+        if not (raw_length.isascii() and raw_length.isdigit() and len(raw_length) <= 12):  # isdigit alone takes '²'
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length must be a non-negative integer")
         length = int(raw_length)
         if length > MAX_BODY:
             raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
+            if len(raw) < length:
+                raise _BadRequest(HTTPStatus.REQUEST_TIMEOUT, "the request body did not arrive in time")
+            self._deadline.cancel()
+            body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body must be JSON (and not nested deeply)") from None
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
@@ -259,9 +298,11 @@ def _int(q: dict, key: str, default: int, lo: int, hi: int) -> int:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          allowed_hosts: tuple[str, ...] = (), log=print) -> None:
+          allowed_hosts: tuple[str, ...] = (), log=print, timeout: float = 30.0) -> None:
+    if not timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {timeout}")
     try:
-        server = make_server(run, host, port, device, allowed_hosts)
+        server = make_server(run, host, port, device, allowed_hosts, timeout)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     log(f"serving {run} on http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)")

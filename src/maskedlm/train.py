@@ -21,11 +21,12 @@ from .artifacts import write_artifacts
 from .config import Config
 from .errors import UserError
 from .evaluate import EvalResult
-from .flops import matmul_peak
+from .data import cache_root
+from .flops import remembered_peak
 from .metrics import MetricsLog, Window
 from .progress import Progress
 from .run import Run, build_run
-from .runtime import resolve_device
+from .runtime import Threads, resolve_device
 from .schedules import progress, train_lr
 
 
@@ -62,8 +63,17 @@ def pretrain(cfg: Config, log=print, progress_bar: bool | None = None) -> RunRes
 
 
 def train(run: Run, progress_bar: bool | None = None) -> RunResult:
-    t, state, d = run.cfg.train, run.state, run.dist
     run.log(run.describe())
+    threads = Threads(run.cfg.train.threads, run.device, run.log, local_world=run.dist.local_world)
+    threads.start()
+    try:
+        return _train(run, threads, progress_bar)
+    finally:
+        threads.restore()
+
+
+def _train(run: Run, threads: Threads, progress_bar: bool | None) -> RunResult:
+    t, state, d = run.cfg.train, run.state, run.dist
     if t.compile:
         secs = 0.0
         for i, (n, _) in enumerate(run.feed.phases):  # each phase as it will run (its rotary base too)
@@ -71,13 +81,20 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
             secs += run.step.compile_now(run.feed.phase_batch(n), n)
         run.set_phase(state.phase)
         run.log(f"compiled the encoder in {secs:.1f}s (not counted as training time)")
-    peak = matmul_peak(run.device.type, run.amp_dtype or torch.float32) * d.world  # for MFU (flops.py)
-    metrics, window = MetricsLog(run.dir, d.is_main, t.tensorboard, from_step=state.step), Window(run.cfg.model)
+    with threads.every_cpu():  # for MFU (flops.py): the machine's peak, whatever this run may use of it
+        peak, remembered = remembered_peak(run.device.type, run.amp_dtype or torch.float32, cache_root(run.cfg.data))
+    peak *= d.world
+    if threads.loaded_at_start and not remembered:
+        run.log("note: the matmul peak was measured while other processes were busy; MFU reads high")
+    metrics = MetricsLog(run.dir, d.is_main, t.tensorboard, from_step=state.step, reevaluate=progress(state, t) >= 1.0)
+    window = Window(run.cfg.model)
     bar = Progress(1000, "training", enabled=progress_bar)
     failed, last_save, evaluated_at = 0, time.time(), state.elapsed
     try:
         with StopSignals() as stop:
-            while progress(state, t) < 1.0 and not stop.agreed(d, run.device):
+            stopping = lambda: stop.agreed(d, run.device)  # noqa: E731 - asked between evaluation batches too
+            while progress(state, t) < 1.0 and not stopping():
+                threads.check()
                 t0 = time.perf_counter()
                 lr = train_lr(state, t)
                 batch, position = run.feed.next(state, run.log)
@@ -102,15 +119,22 @@ def train(run: Run, progress_bar: bool | None = None) -> RunResult:
                     break
                 if ((t.eval_every and state.step % t.eval_every == 0)
                         or (t.eval_seconds and state.elapsed - evaluated_at >= t.eval_seconds)):
-                    metrics.write_eval(state, run.evaluate())
+                    if (result := run.evaluate(stop=stopping)) is None:
+                        break  # a signal during the evaluation: checkpoint and stop without its numbers
+                    metrics.write_eval(state, result)
                     evaluated_at = state.elapsed
                 if _checkpoint_due(state, t, last_save):
                     run.checkpointer.save(state)
                     last_save = time.time()
+            bar.close()
             if stop.signal is None:  # the final checkpoint first: a kill during the final evaluation loses nothing
-                run.checkpointer.save(state, final=True)
-                last_eval = run.evaluate()
-                metrics.write_eval(state, last_eval)
+                _save_final(run)
+                evaluating = Progress(len(run.evaluator.batches) + len(run.evaluator.pair_batches), "final evaluation",
+                                      unit="batch", enabled=progress_bar)
+                last_eval = run.evaluate(stop=stopping, progress=evaluating)
+                evaluating.close()
+                if last_eval is not None:
+                    metrics.write_eval(state, last_eval)
     finally:
         run.feed.close()
         bar.close()
@@ -145,8 +169,15 @@ def _progress_line(entry: dict, state, t) -> str:
             f"MFU {entry['mfu']:.0%} ETA {eta:.0f}s")
 
 
+def _save_final(run: Run) -> None:
+    """The last checkpoint, unless this step has one (a run resumed at its end, or stopped during its final
+    evaluation): rewriting it would only put the checkpoint a resume reads at risk."""
+    if run.checkpointer.last is None or run.checkpointer.last.name != run.dir.checkpoint(run.state.step).name:
+        run.checkpointer.save(run.state, final=True)
+
+
 def _stopped(run: Run, name: str) -> RunResult:
-    run.checkpointer.save(run.state, final=True)
+    _save_final(run)
     last = run.checkpointer.last  # rank 0's: the other ranks do not write (and do not log)
     run.log(f"stopped by {name} at step {run.state.step}; checkpoint {last.path if last else 'none'}; "
             f"resume with: maskedlm pretrain --resume {run.dir.path}")
