@@ -24,13 +24,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from maskedlm.flops import device_name
 
 # name -> one (extra environment, extra flags) per concurrent run
 ALL = str(len(os.sched_getaffinity(0)))
@@ -45,16 +46,6 @@ SCENARIOS = {
     "two-auto": [({}, [])] * 2,
     "mixed": [({}, ["--threads", ALL]), ({}, [])],
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_scenario(name: str, steps: int, skip: int, work: Path) -> dict:
@@ -106,7 +97,7 @@ def main() -> None:
         for r in rows:
             r["slowdown_vs_alone"] = round(r["step_ms"] / alone, 2)
             print(f"{r['scenario']:12s} {r['step_ms']:8.1f} ms/step  {r['slowdown_vs_alone']:5.2f}x alone")
-    result = {"cpu": cpu_name(), "cpus_available": len(os.sched_getaffinity(0)), "date": datetime.date.today().isoformat(),
+    result = {"cpu": device_name("cpu"), "cpus_available": len(os.sched_getaffinity(0)), "date": datetime.date.today().isoformat(),
               "steps": args.steps, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

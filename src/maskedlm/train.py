@@ -171,8 +171,10 @@ def _progress_line(entry: dict, state, t) -> str:
 
 def _save_final(run: Run) -> None:
     """The last checkpoint, unless this step has one (a run resumed at its end, or stopped during its final
-    evaluation): rewriting it would only put the checkpoint a resume reads at risk."""
-    if run.checkpointer.last is None or run.checkpointer.last.name != run.dir.checkpoint(run.state.step).name:
+    evaluation): rewriting it would only put the checkpoint a resume reads at risk. Rank 0 knows what it
+    wrote; every rank follows its answer (saving is a collective)."""
+    last = run.checkpointer.last
+    if not run.dist.broadcast_object(last is not None and last.name == run.dir.checkpoint(run.state.step).name):
         run.checkpointer.save(run.state, final=True)
 
 
