@@ -106,7 +106,7 @@ def windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window, p: fl
     rel = qpos[:, :, None] - kpos[:, None, :]  # (n, c, 3c)
     allowed = (rel.abs() <= w.half) & (kpos[:, None, :] >= 0) & (kpos[:, None, :] < T)  # (n, c, 3c)
     if w.keep is not None:
-        col = (kpos + c).clamp(0, T + pad + 2 * c - 1)  # a key's column in the mask padded by c on the left
+        col = kpos + c  # (n, 3c): a key's column in the mask padded by c on the left (and pad + c on the right)
         if w.keep.shape[2] == 1:  # (B, 1, 1, T): keys only
             keys = F.pad(w.keep[:, 0, 0], (c, pad + c))  # (B, T + pad + 2c)
             allowed = allowed & keys[:, col][:, :, None, :]  # (B, n, c, 3c)
