@@ -586,3 +586,26 @@ def test_resume_refuses_training_data_edited_in_place(capsys, tmp_path, corpus_d
     assert "the training data changed since step-00000003" in err
     assert main(["pretrain", "--resume", str(run), "--max-steps", "5", "--allow-config-change"]) == 0
     assert "training data's content" in capsys.readouterr().out
+
+
+def test_a_run_whose_tokenizer_was_swapped_is_refused(capsys, tmp_path, run_dir):
+    """tokenizer.json replaced after training: resume and loading a checkpoint name both hashes."""
+    from maskedlm import load
+    from maskedlm.tokenizer import Tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    other = Tokenizer.train_char(["a different alphabet: 0123456789 xyz"])
+    other.save(run)
+    assert "the checkpoint was trained with" in cli_error(capsys, "pretrain", "--resume", run, "--max-steps", "8")
+    with pytest.raises(UserError, match="not the tokenizer"):
+        load(run / "checkpoints" / "step-00000006")
+
+
+def test_checkpoints_every_few_minutes(tmp_path, corpus_dir):
+    """--checkpoint-minutes alone (no step cadence): a checkpoint once that much time has passed."""
+    cfg = tiny_config(tmp_path, [str(corpus_dir)], max_steps=12, checkpoint_every=0, checkpoint_minutes=1e-9,
+                      keep_checkpoints=100, eval_every=0)
+    run = pretrain(cfg, log=quiet, progress_bar=False).run_dir
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert steps == list(range(1, 13))  # every step, as each took longer than the interval

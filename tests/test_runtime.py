@@ -152,3 +152,19 @@ def test_the_matmul_peak_is_the_highest_measured_on_this_machine(tmp_path):
     assert remembered_peak("cpu", torch.float32, tmp_path) == (10 * measured, True)
     (tmp_path / "matmul_peak.json").write_text("not json")  # a damaged cache is measured over
     assert remembered_peak("cpu", torch.float32, tmp_path) == (measured, False)
+
+
+@pytest.mark.parametrize("files, cpus", [
+    ({"cpu.max": "100000 100000\n"}, 1),  # cgroup v2: one CPU
+    ({"cpu.max": "40000 100000\n"}, 1),  # 0.4 of a CPU: still one thread
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_a_containers_cpu_quota_caps_the_cpus(tmp_path, files, cpus):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    mine = len(os.sched_getaffinity(0))
+    assert available_cpus(str(tmp_path)) == (mine if cpus is None else min(mine, cpus))

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -80,16 +81,30 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # other processes leave free avoids that: two runs on 2 CPUs with one thread each take ~2x, as they should.
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's limit)."""
+def available_cpus(cgroup: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by a container's CPU quota (cgroup v2's cpu.max,
+    or v1's cpu.cfs_quota_us / cpu.cfs_period_us), rounded to whole CPUs."""
     n = affinity_cpus()
+    quota = _cgroup_quota(Path(cgroup))
+    if quota is not None:
+        n = min(n, max(1, round(quota)))
+    return max(1, n)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The CPU quota in CPUs, or None when there is none (or no cgroup file says)."""
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, round(int(quota) / int(period))))
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return max(1, n)
+    for v1 in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota, period = int((v1 / "cpu.cfs_quota_us").read_text()), int((v1 / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 or period <= 0 else quota / period  # v1: -1 means no quota
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def threads_for(available: int, others_busy: float, cpus: int | None = None) -> int:
