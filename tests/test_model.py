@@ -236,6 +236,32 @@ def test_bf16_matmul_attention_equals_sdpa():
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "per-query"])
+def test_matmul_attention_in_query_chunks_equals_sdpa(mask_kind, monkeypatch):
+    """Long sequences go in chunks of queries (ATTENTION_QUERY_CHUNK; here 64, so 150 queries make two chunks
+    of 64 and one of 22); with key masks and per-query (document) masks. Gradients too."""
+    import maskedlm.model as m
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 150, 16, requires_grad=True) for _ in range(3))
+    T = q.shape[-2]
+    monkeypatch.setattr(m, "ATTENTION_QUERY_CHUNK", 64)
+    mask = None
+    if mask_kind == "keys":
+        mask = torch.ones(2, 1, 1, T, dtype=torch.bool)
+        mask[1, ..., 120:] = False
+    elif mask_kind == "per-query":
+        doc = (torch.arange(T) >= 70).long()
+        mask = (doc[:, None] == doc[None, :])[None, None].expand(2, 1, T, T)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = m._matmul_attention(q, k, v, mask, 0.0)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_padding_predictions_to_a_bucket_changes_nothing():
     """mlm_loss pads the predicted rows to a multiple of PREDICTION_BUCKET; the result equals the dense loss."""
     from maskedlm.model import PREDICTION_BUCKET

@@ -27,8 +27,11 @@ from torch import nn
 from .config import ModelConfig
 from .masking import IGNORE_INDEX
 
-# Longest sequence for which CPU bf16 attention uses explicit matmuls instead of SDPA (see _matmul_attention).
-MATMUL_ATTENTION_MAX_LEN = 256
+# Longest key sequence for which CPU bf16 attention uses explicit matmuls instead of SDPA (see attention()):
+# beyond it, the softmax kept for the backward ((T, T) per head) outgrows what SDPA's kernels keep (O(T)).
+MATMUL_ATTENTION_MAX_LEN = 4096
+# Queries per chunk of the matmul attention: the scores of a chunk stay cache-sized (benchmarks/attention.py).
+ATTENTION_QUERY_CHUNK = 128
 # The MLM head's row count is padded to a multiple of this (see sparse_mlm_loss).
 PREDICTION_BUCKET = 64
 
@@ -81,23 +84,41 @@ class SelfAttention(nn.Module):
         # masking); None for packed batches,
         # which lets SDPA pick the flash / memory-efficient kernels on CUDA.
         dropout_p = self.dropout_p if self.training else 0.0
-        if x.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= MATMUL_ATTENTION_MAX_LEN:
-            y = _matmul_attention(q, k, v, attn_mask, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        return self.out(y.transpose(1, 2).reshape(B, T, H))
+        return self.out(attention(q, k, v, attn_mask, dropout_p).transpose(1, 2).reshape(B, T, H))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+              dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over (..., nh, Tq, hd) x (..., nh, Tk, hd); attn_mask True where a query may
+    attend a key. bf16 on a CPU: explicit matmuls (measured faster there); elsewhere SDPA."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[-2] <= MATMUL_ATTENTION_MAX_LEN:
+        return _matmul_attention(q, k, v, attn_mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                       dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v with bf16 matmuls; (B, nh, T, hd) in and out.
+    """softmax(q k^T / sqrt(hd)) v with bf16 matmuls, in chunks of queries; (..., nh, T, hd) in and out.
 
-    The same function as SDPA. Used for short bf16 sequences on CPU only, where it measured 2-4x faster than
-    PyTorch's CPU SDPA kernels (their flash backward and the math path's fp32 upcast are slow at T <= 256;
-    BENCHMARKS.md). The scale is applied to q (half the size of the scores), and the softmax reads and
-    writes bf16 while accumulating in fp32 inside the kernel, so no fp32 copy of the (T, T) scores is made.
+    The same function as SDPA. On CPU it measured 2-4x faster than PyTorch's CPU SDPA kernels in bf16 (their
+    flash backward and the math path's fp32 upcast are slow; BENCHMARKS.md). The scale is applied to q (half
+    the size of the scores), and the softmax reads and writes bf16 while accumulating in fp32 inside the
+    kernel, so no fp32 copy of the scores is made. Longer sequences go in chunks of ATTENTION_QUERY_CHUNK
+    queries, whose scores stay cache-sized: forward + backward at 1,024 tokens took 37 ms in chunks of 128
+    queries against 66 ms whole and 67 ms for SDPA, at 512 tokens 9 ms against 15 and 20
+    (benchmarks/attention.py, BENCHMARKS.md).
     """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T)
+    Tq, c = q.shape[-2], ATTENTION_QUERY_CHUNK
+    if c >= Tq:
+        return _attend(q, k, v, attn_mask, dropout_p)
+    per_query = attn_mask is not None and attn_mask.shape[-2] > 1  # (..., Tq, Tk), not (..., 1, Tk)
+    return torch.cat([_attend(q[..., i:i + c, :], k, v, attn_mask[..., i:i + c, :] if per_query else attn_mask,
+                              dropout_p) for i in range(0, Tq, c)], dim=-2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+            dropout_p: float) -> torch.Tensor:
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (..., nh, Tq, Tk)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     return F.dropout(scores.softmax(-1), dropout_p) @ v

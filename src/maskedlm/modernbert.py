@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, ModelConfig
-from .model import (MATMUL_ATTENTION_MAX_LEN, BertForPreTraining, BertForSequenceClassification, Output,
-                    _matmul_attention, sparse_mlm_loss)
+from .model import BertForPreTraining, BertForSequenceClassification, Output, attention, sparse_mlm_loss
 from .masking import IGNORE_INDEX
 
 
@@ -55,14 +54,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     xf = x.float()
     half = torch.cat((-xf[..., xf.shape[-1] // 2:], xf[..., : xf.shape[-1] // 2]), dim=-1)
     return (xf * cos + half * sin).to(x.dtype)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v over (..., nh, Tq, hd) x (..., nh, Tk, hd); mask True where a query may
-    attend a key. bf16 on a CPU at short key lengths: model.py's matmul attention (faster there); else SDPA."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[-2] <= MATMUL_ATTENTION_MAX_LEN:
-        return _matmul_attention(q, k, v, mask, p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 # Local layers run in blocks (`windowed`) once T is this many half-windows long (below, the band-masked full
@@ -118,7 +109,7 @@ def windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window, p: fl
     mask = allowed.reshape(-1, 1, c, 3 * c)  # (B * n or n, 1, c, 3c), over the heads
     if mask.shape[0] != B * n:
         mask = mask.repeat(B, 1, 1, 1)
-    y = attend(qb, neighbourhoods(k), neighbourhoods(v), mask, p)  # (B * n, nh, c, hd)
+    y = attention(qb, neighbourhoods(k), neighbourhoods(v), mask, p)  # (B * n, nh, c, hd)
     return y.view(B, n, nh, c, hd).transpose(1, 2).reshape(B, nh, n * c, hd)[:, :, :T]
 
 
@@ -145,7 +136,7 @@ class Block(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         p = self.attention_dropout if self.training else 0.0
-        y = windowed(q, k, v, mask, p) if isinstance(mask, Window) else attend(q, k, v, mask, p)
+        y = windowed(q, k, v, mask, p) if isinstance(mask, Window) else attention(q, k, v, mask, p)
         return F.dropout(self.out(y.transpose(1, 2).reshape(B, T, H)), p, self.training)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | Window | None, cos: torch.Tensor,
