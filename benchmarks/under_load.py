@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from maskedlm.flops import device_name
+from maskedlm.runtime import available_cpus
 
 # name -> one (extra environment, extra flags) per concurrent run
 ALL = str(len(os.sched_getaffinity(0)))
@@ -97,7 +98,7 @@ def main() -> None:
         for r in rows:
             r["slowdown_vs_alone"] = round(r["step_ms"] / alone, 2)
             print(f"{r['scenario']:12s} {r['step_ms']:8.1f} ms/step  {r['slowdown_vs_alone']:5.2f}x alone")
-    result = {"cpu": device_name("cpu"), "cpus_available": len(os.sched_getaffinity(0)), "date": datetime.date.today().isoformat(),
+    result = {"cpu": device_name("cpu"), "cpus_available": available_cpus(), "date": datetime.date.today().isoformat(),
               "steps": args.steps, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,14 +86,15 @@ def remembered_peak(device_type: str, dtype: torch.dtype, cache_dir: Path) -> tu
     path = Path(cache_dir) / "matmul_peak.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
-        before = float(known.get(key, 0.0)) if isinstance(known, dict) else 0.0
+        known = known if isinstance(known, dict) else {}
+        before = float(known.get(key, 0.0))
     except (OSError, ValueError, TypeError):
         known, before = {}, 0.0
     measured = matmul_peak(device_type, dtype)
     if measured > before:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, json.dumps({**(known if isinstance(known, dict) else {}), key: measured}, indent=1) + "\n")
+            atomic_write(path, json.dumps({**known, key: measured}, indent=1) + "\n")
         except OSError:
             pass  # a read-only cache: the MFU is then against this run's own measurement
     return max(measured, before), before > measured

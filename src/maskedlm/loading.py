@@ -77,9 +77,13 @@ def open_folder(path: str | Path, device: str | torch.device = "cpu", *, live: b
         run = RunDir(path)
         # A run that is training (again, after --resume, if it has final weights from an earlier end): its
         # newest checkpoint for a live reader; the others are told, not handed stale or missing weights.
-        training = RunLock(run).holder() is not None
-        if live and run.latest.is_file() and (training or not run.weights.is_file()):
+        holder = RunLock(run).holder()
+        if live and run.latest.is_file() and (holder or not run.weights.is_file()):
             loaded = _load_live(run)
+        elif holder:
+            newest = f"; its newest checkpoint is {find_checkpoint(run.path).path}" if run.latest.is_file() else ""
+            final = " (its model.safetensors is from an earlier end)" if run.weights.is_file() else ": no final weights yet"
+            raise UserError(f"{run.path} is still training ({holder}){final}{newest}")
         else:
             loaded = _load_run(run, None)
     loaded.model = loaded.model.to(device).eval()
@@ -114,10 +118,6 @@ def _load_run(run: RunDir, ckpt: CheckpointDir | None) -> Loaded:
         cfg = state.config
     if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded embedding table (ModernBERT's)
         raise UserError(f"{run.path}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
-    if ckpt is None and (holder := RunLock(run).holder()):
-        newest = f"; its newest checkpoint is {find_checkpoint(run.path).path}" if run.latest.is_file() else ""
-        final = " (its model.safetensors is from an earlier end)" if run.weights.is_file() else ": no final weights yet"
-        raise UserError(f"{run.path} is still training ({holder}){final}{newest}")
     model = build_model(cfg.model)
     load_weights(model, run.weights if ckpt is None else ckpt / ckpt.WEIGHTS)
     use_phase(model, cfg, _final_phase(run, cfg) if ckpt is None else state.train_state.phase)  # as last trained

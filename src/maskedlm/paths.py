@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -201,8 +202,6 @@ def replace_folder(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     fsync(path.parent)
     if old.exists():
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
 
 
