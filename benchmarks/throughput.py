@@ -204,6 +204,24 @@ def pretrain_tokens_per_s(shape: str, seq: int, batch: int, steps: int, device: 
     return statistics.median(rates)
 
 
+# -- the allocator ---------------------------------------------------------------------------------------
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse (no mmap for large blocks, no trimming), as jemalloc or
+    tcmalloc (LD_PRELOAD, Intel's advice for PyTorch on CPUs) would: otherwise every large activation is a fresh
+    mmap whose pages fault in on first touch, each step. It applies to the whole process, so to both systems
+    compared; transformers' eager step at seq 1024 ran 2.1x faster with it (BENCHMARKS.md), ours no faster. False where it is not glibc."""
+    import ctypes
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    return all(libc.mallopt(opt, value) == 1 for opt, value in
+               ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, (1 << 31) - 1), (M_TOP_PAD, 64 << 20)))
+
+
 # -- timing -----------------------------------------------------------------------------------------------
 
 
@@ -266,9 +284,12 @@ def main(argv=None) -> dict:
                     help="modernbert: also time our step with local layers as band-masked full attention (not in blocks)")
     ap.add_argument("--peer-attn", nargs="+", default=["sdpa", "eager"])
     ap.add_argument("--peer-compile", action="store_true", help="also time the peer under torch.compile (its first attention kind)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc malloc keeps freed memory (no page faults on every step's large tensors), for both systems")
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
 
+    malloc = "kept freed memory (mallopt)" if args.keep_freed_memory and keep_freed_memory() else "glibc default"
     device = torch.device(args.device)
     amp = torch.bfloat16
     peak = matmul_peak(device.type, torch.bfloat16)
@@ -277,9 +298,9 @@ def main(argv=None) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": datetime.date.today().isoformat(), "bf16_matmul_peak_tflops": peak / 1e12,
-            "fp32_matmul_peak_tflops": peak32 / 1e12}
+            "fp32_matmul_peak_tflops": peak32 / 1e12, "malloc": malloc}
     print(f"# {host['date']} {host['device']} ({host['processor']}, {host['threads']} threads), torch {host['torch']}; "
-          f"measured matmul peak: bf16 {peak / 1e12:.2f} TFLOP/s, fp32 {peak32 / 1e12:.2f} TFLOP/s", flush=True)
+          f"measured matmul peak: bf16 {peak / 1e12:.2f} TFLOP/s, fp32 {peak32 / 1e12:.2f} TFLOP/s; malloc: {malloc}", flush=True)
     results = []
     for shape in args.shapes:
         for seq in args.seq:

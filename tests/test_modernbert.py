@@ -359,3 +359,72 @@ def test_windowed_attention_equals_the_band_masked_full_attention(T, half, keep)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     got = windowed(q, k, v, Window(half, full), 0.0)
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+
+
+def test_rotary_qkv_and_geglu_backwards_equal_autograd_of_the_plain_ops():
+    """RotaryQKV and GeGLU (their own backward passes, used eagerly) against autograd of the plain ops that
+    torch.compile sees (`rotated`, GELU(a) * gate): values and gradients in fp64, plus torch's gradcheck."""
+    import torch.nn.functional as F
+
+    from maskedlm.modernbert import GeGLU, RotaryQKV, rotary, rotated
+
+    B, T, nh, hd = 2, 7, 3, 8
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, T, 3 * nh * hd, dtype=torch.float64, generator=g, requires_grad=True)
+    cos, sin = (t.double() for t in rotary(T, hd, 10_000.0, torch.device("cpu")))
+    ours = RotaryQKV.apply(qkv, cos, sin, nh)
+    assert all(t.shape == (B, nh, T, hd) and t.is_contiguous() for t in ours)
+    q, k, v = qkv.view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)
+    plain = (rotated(q, cos, sin), rotated(k, cos, sin), v)
+    weights = [torch.randn(B, nh, T, hd, dtype=torch.float64, generator=g) for _ in range(3)]
+    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, out)), qkv)[0] for out in (ours, plain)]
+    for a, b in zip(ours, plain):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(grads[0], grads[1], atol=1e-12)
+    # position 0 is not turned; a turn keeps each feature pair's length
+    assert torch.equal(ours[0][:, :, 0], q[:, :, 0])
+    pair = lambda t: t[..., : hd // 2] ** 2 + t[..., hd // 2:] ** 2  # noqa: E731
+    assert torch.allclose(pair(ours[1]), pair(k), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: RotaryQKV.apply(x, cos, sin, nh), (qkv,))
+
+    h = torch.randn(B, T, 2 * 5, dtype=torch.float64, generator=g, requires_grad=True)
+    a, gate = h.chunk(2, dim=-1)
+    assert torch.allclose(GeGLU.apply(h), F.gelu(a) * gate, atol=1e-12)
+    assert torch.autograd.gradcheck(GeGLU.apply, (h,))
+
+
+@pytest.mark.slow
+def test_the_compiled_encoder_equals_the_eager_one():
+    """Under torch.compile the blocks take the plain ops (the compiler fuses them; it cannot see into
+    RotaryQKV and GeGLU): the same function, so outputs and gradients equal the eager encoder's."""
+    cfg = config(window=8)
+    eager = ours_with_noise(cfg).train()
+    compiled = ours_with_noise(cfg).train()
+    compiled.bert.compile(dynamic=False)
+    ids, mask = padded_batch(cfg.vocab_size, T=24)  # T = 3 windows: local layers in blocks (`windowed`)
+    outs = []
+    for model in (eager, compiled):
+        hidden = model.bert(ids, mask)
+        hidden.pow(2).mean().backward()
+        outs.append((hidden.detach(), model.bert.layers[1].qkv.weight.grad, model.bert.embeddings.word.weight.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_compute_follows_fp32():
+    """The bf16 path (rotary turns and GeGLU in bf16, CPU matmul attention in query chunks at T > 128) stays
+    within bf16 rounding of the fp32 model: logits and their argmax."""
+    from maskedlm import model as model_mod
+
+    cfg = config(window=16, max_position=512)
+    fp32 = ours_with_noise(cfg)
+    bf16 = ours_with_noise(cfg).to(torch.bfloat16)
+    ids, mask = padded_batch(cfg.vocab_size, T=300)  # > ATTENTION_QUERY_CHUNK: the global layers attend in chunks
+    assert ids.shape[1] > model_mod.ATTENTION_QUERY_CHUNK
+    with torch.no_grad():
+        a = fp32(ids, mask).logits
+        b = bf16(ids, mask).logits.float()
+    real = mask.bool()
+    err = (a - b)[real].abs().max() / a[real].abs().max()
+    assert err < 0.05
+    assert (a.argmax(-1) == b.argmax(-1))[real].float().mean() > 0.9

@@ -109,16 +109,20 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_ma
     (benchmarks/attention.py, BENCHMARKS.md).
     """
     Tq, c = q.shape[-2], ATTENTION_QUERY_CHUNK
+    q, kt = q * q.shape[-1] ** -0.5, k.transpose(-1, -2)
     if c >= Tq:
-        return _attend(q, k, v, attn_mask, dropout_p)
+        return _attend(q, kt, v, attn_mask, dropout_p)
     per_query = attn_mask is not None and attn_mask.shape[-2] > 1  # (..., Tq, Tk), not (..., 1, Tk)
-    return torch.cat([_attend(q[..., i:i + c, :], k, v, attn_mask[..., i:i + c, :] if per_query else attn_mask,
-                              dropout_p) for i in range(0, Tq, c)], dim=-2)
+    # q.split, not slices of q: the backward then writes each chunk's gradient into place once (a slice's
+    # backward makes a zero-filled gradient the size of q for every chunk).
+    return torch.cat([_attend(qc, kt, v, attn_mask[..., i * c:(i + 1) * c, :] if per_query else attn_mask, dropout_p)
+                      for i, qc in enumerate(q.split(c, dim=-2))], dim=-2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+def _attend(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
             dropout_p: float) -> torch.Tensor:
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (..., nh, Tq, Tk)
+    """q already scaled, kt = k transposed: (..., nh, Tq, hd) @ (..., nh, hd, Tk) -> scores (..., nh, Tq, Tk)."""
+    scores = q @ kt
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     return F.dropout(scores.softmax(-1), dropout_p) @ v

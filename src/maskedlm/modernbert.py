@@ -41,19 +41,81 @@ class Embeddings(nn.Module):
 
 
 def rotary(T: int, hd: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, (T, hd) fp32: position t turns feature pair (i, i + hd/2) by t / theta^(2i/hd)."""
+    """cos and sin, (T, hd/2) fp32: position t turns feature pair (i, i + hd/2) by t / theta^(2i/hd)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)  # (hd/2,)
     angle = torch.arange(T, dtype=torch.float32, device=device)[:, None] * inv_freq  # (T, hd/2)
-    angle = torch.cat((angle, angle), dim=-1)  # (T, hd)
     return angle.cos(), angle.sin()
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply the rotation to (B, nh, T, hd) in fp32 and return x's dtype (transformers does the same in fp32;
-    in bf16 it first rounds cos and sin to bf16, a difference below bf16's own rounding)."""
-    xf = x.float()
-    half = torch.cat((-xf[..., xf.shape[-1] // 2:], xf[..., : xf.shape[-1] // 2]), dim=-1)
-    return (xf * cos + half * sin).to(x.dtype)
+def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int, out: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (i, i + hd/2) of x (..., T, hd) by +-angle into `out` (same shape, any strides):
+    out1 = x1 cos - sign x2 sin, out2 = x2 cos + sign x1 sin. All in x's dtype (products accumulate in fp32
+    inside each kernel), as transformers computes it."""
+    h = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`turn` by +angle in plain differentiable ops, for torch.compile (which fuses them into one kernel)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RotaryQKV(torch.autograd.Function):
+    """The fused projection's output (B, T, 3H) -> queries and keys rotated by their positions, and values: each
+    (B, nh, T, hd), contiguous in that order (the attention's matmuls then need no copies).
+
+    One autograd node with its own backward (the rotation's gradient is the opposite turn, written straight
+    into the projection's gradient): through eager autograd, an fp32 copy, a cat for the half swap, the
+    products and the layout changes cost ~10 passes over each tensor, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):
+        B, T, H3 = qkv.shape
+        x = qkv.view(B, T, 3, num_heads, H3 // 3 // num_heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd), a view
+        q, k = (turn(x[i], cos, sin, 1, torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)) for i in (0, 1))
+        ctx.save_for_backward(cos, sin)
+        return q, k, x[2].contiguous()
+
+    @staticmethod
+    def backward(ctx, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        B, nh, T, hd = gv.shape
+        g = gv.new_empty(B, T, 3, nh, hd)
+        gx = g.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd), a view of g
+        turn(gq, cos, sin, -1, gx[0])
+        turn(gk, cos, sin, -1, gx[1])
+        gx[2].copy_(gv)
+        return g.view(B, T, 3 * nh * hd), None, None, None
+
+
+class GeGLU(torch.autograd.Function):
+    """(B, T, 2I) -> GELU(first half) * second half, (B, T, I); exact GELU, as transformers' ModernBERT.
+
+    Its own backward writes both halves' gradients straight into one (B, T, 2I) tensor: through autograd, the
+    three products and the cat that joins the halves are each a pass over memory (at seq 128 the cat alone took
+    2 ms a layer) - and autograd kept GELU's output too, where this keeps only the input."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        a, gate = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.gelu(a).mul_(gate)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        a, gate = h.chunk(2, dim=-1)
+        gh = torch.empty_like(h)
+        ga, ggate = gh.chunk(2, dim=-1)  # views of gh
+        torch.mul(g, gate, out=ga)
+        torch.ops.aten.gelu_backward.grad_input(ga, a, approximate="none", grad_input=ga)  # d/da: GELU'(a) g gate
+        torch._C._nn.gelu(a, out=ggate).mul_(g)  # d/dgate: GELU(a) g
+        return gh
 
 
 # Local layers run in blocks (`windowed`) once T is this many half-windows long (below, the band-masked full
@@ -133,8 +195,12 @@ class Block(nn.Module):
     def attention(self, x: torch.Tensor, mask: torch.Tensor | Window | None, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = self.qkv(x)  # (B, T, 3H)
+        if torch.compiler.is_compiling():  # plain ops, which the compiler fuses (it cannot see into RotaryQKV)
+            q, k, v = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+            q, k = rotated(q, cos, sin), rotated(k, cos, sin)
+        else:
+            q, k, v = RotaryQKV.apply(qkv, cos, sin, self.num_heads)  # 3 x (B, nh, T, hd)
         p = self.attention_dropout if self.training else 0.0
         y = windowed(q, k, v, mask, p) if isinstance(mask, Window) else attention(q, k, v, mask, p)
         return F.dropout(self.out(y.transpose(1, 2).reshape(B, T, H)), p, self.training)
@@ -142,8 +208,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | Window | None, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), mask, cos, sin)
-        a, gate = self.mlp_in(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, I) each
-        return x + self.mlp_out(self.dropout(F.gelu(a) * gate))
+        h = self.mlp_in(self.mlp_norm(x))  # (B, T, 2I)
+        if torch.compiler.is_compiling():  # plain ops, which the compiler fuses
+            a, gate = h.chunk(2, dim=-1)
+            y = F.gelu(a) * gate
+        else:
+            y = GeGLU.apply(h)  # (B, T, I)
+        return x + self.mlp_out(self.dropout(y))
 
 
 class Encoder(nn.Module):
@@ -191,9 +262,10 @@ class Encoder(nn.Module):
         cfg, T = self.config, input_ids.shape[1]
         hd = cfg.hidden_size // cfg.num_heads
         full, local = self.masks(attention_mask, T, input_ids.device)
-        rot = {True: rotary(T, hd, self.global_theta, input_ids.device),
-               False: rotary(T, hd, cfg.local_rope_theta, input_ids.device)}
         x = self.embeddings(input_ids)
+        # cos and sin in the activations' dtype (as transformers does): mixed dtypes would cost a cast and a copy
+        rot = {True: [t.to(x.dtype) for t in rotary(T, hd, self.global_theta, input_ids.device)],
+               False: [t.to(x.dtype) for t in rotary(T, hd, cfg.local_rope_theta, input_ids.device)]}
         for layer in self.layers:
             x = layer(x, full if layer.is_global else local, *rot[layer.is_global])
         return self.final_norm(x)
