@@ -118,6 +118,24 @@ class GeGLU(torch.autograd.Function):
         return gh
 
 
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):
+    """(B, T, 3H) -> rotated queries and keys, values: 3 x (B, nh, T, hd). Under torch.compile the plain ops,
+    which the compiler fuses (it cannot see into an autograd Function: a graph break at each)."""
+    if not torch.compiler.is_compiling():
+        return RotaryQKV.apply(qkv, cos, sin, num_heads)
+    B, T, _ = qkv.shape
+    q, k, v = qkv.view(B, T, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    return rotated(q, cos, sin), rotated(k, cos, sin), v
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2I) -> (B, T, I): GeGLU, or under torch.compile its plain ops (as rotary_qkv)."""
+    if not torch.compiler.is_compiling():
+        return GeGLU.apply(h)
+    a, gate = h.chunk(2, dim=-1)
+    return F.gelu(a) * gate
+
+
 # Local layers run in blocks (`windowed`) once T is this many half-windows long (below, the band-masked full
 # attention: 3 blocks of keys per query save little over T keys, and the blocks cost copies).
 WINDOWED_FROM = 4
@@ -195,12 +213,7 @@ class Block(nn.Module):
     def attention(self, x: torch.Tensor, mask: torch.Tensor | Window | None, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
-        qkv = self.qkv(x)  # (B, T, 3H)
-        if torch.compiler.is_compiling():  # plain ops, which the compiler fuses (it cannot see into RotaryQKV)
-            q, k, v = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-            q, k = rotated(q, cos, sin), rotated(k, cos, sin)
-        else:
-            q, k, v = RotaryQKV.apply(qkv, cos, sin, self.num_heads)  # 3 x (B, nh, T, hd)
+        q, k, v = rotary_qkv(self.qkv(x), cos, sin, self.num_heads)  # 3 x (B, nh, T, hd)
         p = self.attention_dropout if self.training else 0.0
         y = windowed(q, k, v, mask, p) if isinstance(mask, Window) else attention(q, k, v, mask, p)
         return F.dropout(self.out(y.transpose(1, 2).reshape(B, T, H)), p, self.training)
@@ -208,13 +221,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | Window | None, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), mask, cos, sin)
-        h = self.mlp_in(self.mlp_norm(x))  # (B, T, 2I)
-        if torch.compiler.is_compiling():  # plain ops, which the compiler fuses
-            a, gate = h.chunk(2, dim=-1)
-            y = F.gelu(a) * gate
-        else:
-            y = GeGLU.apply(h)  # (B, T, I)
-        return x + self.mlp_out(self.dropout(y))
+        return x + self.mlp_out(self.dropout(geglu(self.mlp_in(self.mlp_norm(x)))))
 
 
 class Encoder(nn.Module):
