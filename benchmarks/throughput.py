@@ -211,7 +211,8 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse (no mmap for large blocks, no trimming), as jemalloc or
     tcmalloc (LD_PRELOAD, Intel's advice for PyTorch on CPUs) would: otherwise every large activation is a fresh
     mmap whose pages fault in on first touch, each step. It applies to the whole process, so to both systems
-    compared; transformers' eager step at seq 1024 ran 2.1x faster with it (BENCHMARKS.md), ours no faster. False where it is not glibc."""
+    compared; transformers' eager ModernBERT step at seq 1024 ran 2.1x faster with it (BENCHMARKS.md), ours no
+    faster. Returns False where the C library is not glibc (nothing changed)."""
     import ctypes
 
     if platform.libc_ver()[0] != "glibc":
@@ -304,7 +305,8 @@ def main(argv=None) -> dict:
             "bf16_matmul_peak_measured_this_run_tflops": peak_now / 1e12,
             "fp32_matmul_peak_tflops": peak32 / 1e12, "malloc": malloc}
     print(f"# {host['date']} {host['device']} ({host['processor']}, {host['threads']} threads), torch {host['torch']}; "
-          f"matmul peak: bf16 {peak / 1e12:.2f} TFLOP/s (highest measured here; this run {peak_now / 1e12:.2f}), fp32 {peak32 / 1e12:.2f} TFLOP/s; malloc: {malloc}", flush=True)
+          f"matmul peak: bf16 {peak / 1e12:.2f} TFLOP/s (highest measured here; this run {peak_now / 1e12:.2f}), "
+          f"fp32 {peak32 / 1e12:.2f} TFLOP/s; malloc: {malloc}", flush=True)
     results = []
     for shape in args.shapes:
         for seq in args.seq:
